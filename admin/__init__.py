@@ -1,0 +1,1 @@
+"""byok-proxy control plane: tenant and key management API, audit."""

@@ -1,0 +1,50 @@
+"""Who is calling the admin API: the operator (admin token) or a tenant (its proxy key).
+
+Admins may use every route. A tenant's proxy key may use the *self* routes for
+its own id only: another tenant's id answers 404 as if it did not exist, and
+an admin-only route answers 403.
+"""
+
+from __future__ import annotations
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from admin.audit import Actor
+from proxy.errors import Forbidden, NotFound, Unauthorized
+from proxy.runtime import Runtime
+from proxy.security import PROXY_KEY_PREFIX, tokens_equal
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The shared runtime of the app serving this request."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
+
+
+def bearer(request: Request) -> str | None:
+    """The bearer token of the request, if any."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+async def authorize(request: Request, *, self_route: bool = False) -> Actor:
+    """Check the caller may use this route; return it as an audit Actor."""
+    runtime = runtime_of(request)
+    token = bearer(request)
+    request_id = request.scope.get("state", {}).get("request_id")
+    source_ip = request.client.host if request.client else None
+    if token is None:
+        raise Unauthorized()
+    if tokens_equal(token, runtime.config.admin_token.reveal()):
+        return Actor("admin", None, request_id, source_ip)
+    if not token.startswith(PROXY_KEY_PREFIX):
+        raise Unauthorized()
+    principal = await run_in_threadpool(runtime.store.principal, token)
+    if principal is None:
+        raise Unauthorized()
+    if not self_route:
+        raise Forbidden("A tenant's proxy key may not use this route; it needs the admin token.")
+    if request.path_params.get("tenant_id") != principal.tenant_id:
+        raise NotFound("No such tenant.")
+    return Actor("tenant", principal.tenant_id, request_id, source_ip)

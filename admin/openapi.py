@@ -1,0 +1,176 @@
+"""The admin API's OpenAPI 3 schema, built from the same pydantic models that validate bodies."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from admin.schemas import TENANT_ID_PATTERN, OpenAIKeyIn, TenantCreate, TenantUpdate
+
+_TS = {"type": "string", "format": "date-time"}
+_NULLABLE_TS = {"anyOf": [_TS, {"type": "null"}]}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, **_json(_ref("Error"))}
+
+
+_AUTH_ERRORS = {"401": _error("Missing or invalid bearer token")}
+_ADMIN_ONLY = {**_AUTH_ERRORS, "403": _error("A tenant key on an admin-only route")}
+_NOT_FOUND = {"404": _error("No such tenant (or not the caller's own)")}
+_BODY_ERRORS = {
+    "400": _error("Body is not a JSON object"),
+    "413": _error("Body too large"),
+    "422": _error("Body failed validation"),
+}
+_TENANT_ID = {
+    "name": "tenant_id", "in": "path", "required": True,
+    "schema": {"type": "string", "pattern": TENANT_ID_PATTERN},
+}
+
+
+def _op(summary: str, responses: dict[str, Any], body: str | None = None,
+        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": responses, "parameters": params or []}
+    if body:
+        op["requestBody"] = {"required": True, **_json(_ref(body))}
+    return op
+
+
+@cache
+def openapi_schema() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document of `/api/v1`."""
+    tenant = {
+        "type": "object",
+        "required": ["id", "name", "tier", "created_at", "updated_at", "openai_key"],
+        "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"},
+            "tier": {"type": "string", "enum": ["trial", "pro", "enterprise"]},
+            "created_at": _TS, "updated_at": _TS, "openai_key": _ref("OpenAIKeyStatus"),
+        },
+    }
+    key_status = {
+        "type": "object",
+        "required": ["status", "hint", "validated_at", "updated_at"],
+        "properties": {
+            "status": {"type": "string", "enum": ["none", "active", "invalid"]},
+            "hint": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "validated_at": _NULLABLE_TS, "updated_at": _NULLABLE_TS,
+        },
+    }
+    error = {
+        "type": "object", "required": ["error"],
+        "properties": {"error": {
+            "type": "object", "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"}, "type": {"type": "string"},
+                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            },
+        }},
+    }
+    created = {
+        "type": "object", "required": ["id", "name", "tier", "api_key", "created_at"],
+        "properties": {
+            "id": {"type": "string"}, "name": {"type": "string"}, "tier": {"type": "string"},
+            "api_key": {"type": "string"}, "created_at": _TS,
+        },
+    }
+    issued = {
+        "type": "object", "required": ["id", "api_key", "created_at"],
+        "properties": {"id": {"type": "string"}, "api_key": {"type": "string"}, "created_at": _TS},
+    }
+    key_set = {
+        "type": "object", "required": ["status", "hint", "validated_at"],
+        "properties": {"status": {"type": "string"}, "hint": {"type": "string"}, "validated_at": _TS},
+    }
+    event = {
+        "type": "object",
+        "required": ["ts", "tenant_id", "action", "actor", "key_hint", "request_id", "source_ip"],
+        "properties": {
+            "id": {"type": "integer"}, "ts": _TS, "tenant_id": {"type": "string"},
+            "action": {"type": "string"},
+            "actor": {"type": "string", "enum": ["admin", "tenant", "system"]},
+            "key_hint": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "request_id": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "source_ip": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+    }
+    listing = lambda item: {  # noqa: E731
+        "type": "object", "required": ["data"],
+        "properties": {"data": {"type": "array", "items": _ref(item)}},
+    }
+    ok = lambda schema, code="200", d="OK": {code: {"description": d, **_json(schema)}}  # noqa: E731
+    gone = {"204": {"description": "Done"}}
+    key_id = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    limit = {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
+    t = "/api/v1/tenants"
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "byok-proxy admin API", "version": "1"},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Tenant": tenant, "OpenAIKeyStatus": key_status, "Error": error,
+                "TenantCreated": created, "ApiKeyIssued": issued, "OpenAIKeySet": key_set,
+                "AuditEvent": event,
+                "TenantCreate": TenantCreate.model_json_schema(),
+                "TenantUpdate": TenantUpdate.model_json_schema(),
+                "OpenAIKeyIn": OpenAIKeyIn.model_json_schema(),
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            t: {
+                "post": _op("Create a tenant and its first proxy key",
+                            {**ok(_ref("TenantCreated"), "201", "Created"), **_ADMIN_ONLY,
+                             **_BODY_ERRORS, "409": _error("Tenant id taken")}, "TenantCreate"),
+                "get": _op("List tenants", {**ok(listing("Tenant")), **_ADMIN_ONLY}),
+            },
+            t + "/{tenant_id}": {
+                "get": _op("One tenant (self)", {**ok(_ref("Tenant")), **_AUTH_ERRORS,
+                                                 **_NOT_FOUND}, params=[_TENANT_ID]),
+                "patch": _op("Change name or tier", {**ok(_ref("Tenant")), **_ADMIN_ONLY,
+                                                     **_NOT_FOUND, **_BODY_ERRORS},
+                             "TenantUpdate", [_TENANT_ID]),
+                "delete": _op("Delete a tenant and its keys", {**gone, **_ADMIN_ONLY,
+                                                               **_NOT_FOUND}, params=[_TENANT_ID]),
+            },
+            t + "/{tenant_id}/openai-key": {
+                "post": _op("Validate, encrypt and store the tenant's OpenAI key (self)",
+                            {**ok(_ref("OpenAIKeySet")), **_AUTH_ERRORS, **_NOT_FOUND,
+                             **_BODY_ERRORS, "402": _error("OpenAI rejected the key"),
+                             "503": _error("OpenAI unreachable")},
+                            "OpenAIKeyIn", [_TENANT_ID]),
+                "delete": _op("Remove the stored OpenAI key (self)",
+                              {**gone, **_AUTH_ERRORS, **_NOT_FOUND}, params=[_TENANT_ID]),
+            },
+            t + "/{tenant_id}/api-keys": {
+                "post": _op("Issue another proxy key",
+                            {**ok(_ref("ApiKeyIssued"), "201", "Created"), **_ADMIN_ONLY,
+                             **_NOT_FOUND}, params=[_TENANT_ID]),
+            },
+            t + "/{tenant_id}/api-keys/{key_id}": {
+                "delete": _op("Revoke a proxy key", {**gone, **_ADMIN_ONLY, **_NOT_FOUND},
+                              params=[_TENANT_ID, key_id]),
+            },
+            t + "/{tenant_id}/audit": {
+                "get": _op("The tenant's audit events, newest first (self)",
+                           {**ok(listing("AuditEvent")), **_AUTH_ERRORS, **_NOT_FOUND},
+                           params=[_TENANT_ID, limit]),
+            },
+            "/api/v1/openapi.json": {
+                "get": {"summary": "This document",
+                        "responses": {"200": {"description": "OK"}, **_ADMIN_ONLY}},
+            },
+        },
+    }

@@ -1,0 +1,90 @@
+"""Request bodies of the admin API and the public shape of a tenant.
+
+The table models (`proxy.models`) never leave the process as-is: responses are
+built here, and the public tenant never carries the ciphertext.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from starlette.requests import Request
+
+from proxy.errors import BadRequest, RequestTooLarge, ValidationFailed
+from proxy.models import Tenant, rfc3339
+
+TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+MAX_ADMIN_BODY_BYTES = 64 * 1024
+
+Tier = Literal["trial", "pro", "enterprise"]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TenantCreate(_Body):
+    name: StrictStr = Field(min_length=1, max_length=200)
+    tier: Tier
+    id: StrictStr | None = Field(default=None, pattern=TENANT_ID_PATTERN)
+
+
+class TenantUpdate(_Body):
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    tier: Tier | None = None
+
+
+class OpenAIKeyIn(_Body):
+    api_key: StrictStr = Field(max_length=4096)
+
+
+async def read_body(request: Request, model: type[_Body]) -> Any:
+    """Read a small JSON body and validate it; 413/400/422 in OpenAI's shape otherwise.
+
+    Validation messages name the field and the rule, never the input value
+    (it may be a key).
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_ADMIN_BODY_BYTES):
+        raise RequestTooLarge(f"Request body over {MAX_ADMIN_BODY_BYTES} bytes.")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_ADMIN_BODY_BYTES:
+            raise RequestTooLarge(f"Request body over {MAX_ADMIN_BODY_BYTES} bytes.")
+    try:
+        data = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("Request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise BadRequest("Request body must be a JSON object.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ValidationFailed(f"{param}: {first['msg']}", param=param) from None
+
+
+def key_status(tenant: Tenant) -> dict[str, Any]:
+    """The public view of a tenant's stored OpenAI key."""
+    return {
+        "status": tenant.openai_key_status,
+        "hint": tenant.openai_key_hint,
+        "validated_at": rfc3339(tenant.openai_key_validated_at),
+        "updated_at": rfc3339(tenant.openai_key_updated_at),
+    }
+
+
+def tenant_public(tenant: Tenant) -> dict[str, Any]:
+    """The public view of a tenant: never the ciphertext."""
+    return {
+        "id": tenant.id,
+        "name": tenant.name,
+        "tier": tenant.tier,
+        "created_at": rfc3339(tenant.created_at),
+        "updated_at": rfc3339(tenant.updated_at),
+        "openai_key": key_status(tenant),
+    }

@@ -1,0 +1,203 @@
+"""Tenant and proxy-key endpoints of the admin API."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from admin import audit
+from admin.auth import authorize, runtime_of
+from admin.schemas import TenantCreate, TenantUpdate, read_body, tenant_public
+from proxy.errors import Conflict, NotFound
+from proxy.models import ProxyKey, Tenant, rfc3339, utcnow
+from proxy.security import hash_proxy_key, new_proxy_key
+
+
+def _issue_key(session: Session, actor: audit.Actor, tenant_id: str) -> tuple[ProxyKey, str]:
+    """Add a new proxy key to `session`; return its row and the plaintext (shown once)."""
+    plaintext = new_proxy_key()
+    row = ProxyKey(
+        id="key_" + secrets.token_hex(8), tenant_id=tenant_id, key_hash=hash_proxy_key(plaintext)
+    )
+    session.add(row)
+    audit.record(session, actor, tenant_id, "api_key.issued", row.id)
+    return row, plaintext
+
+
+def get_tenant_or_404(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        raise NotFound("No such tenant.")
+    return tenant
+
+
+def create_tenant_row(
+    store_session: Session, actor: audit.Actor, name: str, tier: str, tenant_id: str | None
+) -> tuple[Tenant, str]:
+    """Create a tenant and its first proxy key in one transaction (also used by the CLI)."""
+    tenant = Tenant(id=tenant_id or "t" + secrets.token_hex(6), name=name, tier=tier)
+    store_session.add(tenant)
+    audit.record(store_session, actor, tenant.id, "tenant.created")
+    try:
+        store_session.flush()
+    except IntegrityError:
+        store_session.rollback()
+        raise Conflict(f"A tenant with id {tenant.id!r} already exists.", param="id",
+                       code="tenant_exists") from None
+    _, plaintext = _issue_key(store_session, actor, tenant.id)
+    store_session.commit()
+    return tenant, plaintext
+
+
+async def create_tenant(request: Request) -> Response:
+    actor = await authorize(request)
+    body: TenantCreate = await read_body(request, TenantCreate)
+    store = runtime_of(request).store
+
+    def work() -> tuple[Tenant, str]:
+        with store.session() as s:
+            return create_tenant_row(s, actor, body.name, body.tier, body.id)
+
+    tenant, plaintext = await run_in_threadpool(work)
+    return JSONResponse(
+        {
+            "id": tenant.id,
+            "name": tenant.name,
+            "tier": tenant.tier,
+            "api_key": plaintext,
+            "created_at": rfc3339(tenant.created_at),
+        },
+        status_code=201,
+    )
+
+
+async def list_tenants(request: Request) -> Response:
+    await authorize(request)
+    store = runtime_of(request).store
+
+    def work() -> list[dict[str, object]]:
+        with store.session() as s:
+            rows = s.exec(select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id))).all()
+            return [tenant_public(t) for t in rows]
+
+    return JSONResponse({"data": await run_in_threadpool(work)})
+
+
+async def get_tenant(request: Request) -> Response:
+    await authorize(request, self_route=True)
+    store = runtime_of(request).store
+    tenant_id = request.path_params["tenant_id"]
+
+    def work() -> dict[str, object]:
+        with store.session() as s:
+            return tenant_public(get_tenant_or_404(s, tenant_id))
+
+    return JSONResponse(await run_in_threadpool(work))
+
+
+async def update_tenant(request: Request) -> Response:
+    actor = await authorize(request)
+    body: TenantUpdate = await read_body(request, TenantUpdate)
+    runtime = runtime_of(request)
+    tenant_id = request.path_params["tenant_id"]
+
+    def work() -> dict[str, object]:
+        with runtime.store.session() as s:
+            tenant = get_tenant_or_404(s, tenant_id)
+            changes = body.model_dump(exclude_none=True)
+            if any(getattr(tenant, k) != v for k, v in changes.items()):
+                for k, v in changes.items():
+                    setattr(tenant, k, v)
+                tenant.updated_at = utcnow()
+                audit.record(s, actor, tenant_id, "tenant.updated")
+                s.commit()
+            return tenant_public(tenant)
+
+    result = await run_in_threadpool(work)
+    runtime.store.invalidate_tenant(tenant_id)
+    return JSONResponse(result)
+
+
+async def delete_tenant(request: Request) -> Response:
+    actor = await authorize(request)
+    runtime = runtime_of(request)
+    tenant_id = request.path_params["tenant_id"]
+
+    def work() -> None:
+        with runtime.store.session() as s:
+            tenant = get_tenant_or_404(s, tenant_id)
+            for key in s.exec(select(ProxyKey).where(ProxyKey.tenant_id == tenant_id)).all():
+                s.delete(key)
+            audit.record(s, actor, tenant_id, "tenant.deleted", tenant.openai_key_hint)
+            s.delete(tenant)
+            s.commit()
+
+    await run_in_threadpool(work)
+    runtime.store.invalidate_tenant(tenant_id)
+    runtime.store.invalidate_keys()
+    return Response(status_code=204)
+
+
+async def issue_api_key(request: Request) -> Response:
+    actor = await authorize(request)
+    store = runtime_of(request).store
+    tenant_id = request.path_params["tenant_id"]
+
+    def work() -> tuple[ProxyKey, str]:
+        with store.session() as s:
+            get_tenant_or_404(s, tenant_id)
+            row, plaintext = _issue_key(s, actor, tenant_id)
+            s.commit()
+            return row, plaintext
+
+    row, plaintext = await run_in_threadpool(work)
+    return JSONResponse(
+        {"id": row.id, "api_key": plaintext, "created_at": rfc3339(row.created_at)},
+        status_code=201,
+    )
+
+
+async def revoke_api_key(request: Request) -> Response:
+    actor = await authorize(request)
+    store = runtime_of(request).store
+    tenant_id = request.path_params["tenant_id"]
+    key_id = request.path_params["key_id"]
+
+    def work() -> None:
+        with store.session() as s:
+            get_tenant_or_404(s, tenant_id)
+            row = s.get(ProxyKey, key_id)
+            if row is None or row.tenant_id != tenant_id:
+                raise NotFound("No such proxy key for this tenant.")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+                audit.record(s, actor, tenant_id, "api_key.revoked", key_id)
+                s.commit()
+
+    await run_in_threadpool(work)
+    store.invalidate_keys()
+    return Response(status_code=204)
+
+
+async def list_audit(request: Request) -> Response:
+    await authorize(request, self_route=True)
+    store = runtime_of(request).store
+    tenant_id = request.path_params["tenant_id"]
+    limit_text = request.query_params.get("limit", "100")
+    limit = int(limit_text) if limit_text.isdigit() else 100
+    limit = max(1, min(limit, 1000))
+
+    def work() -> list[dict[str, object]]:
+        with store.session() as s:
+            events = audit.list_events(s, tenant_id, limit)
+            # Events outlive a deleted tenant: 404 only when there never was one.
+            if not events and s.get(Tenant, tenant_id) is None:
+                raise NotFound("No such tenant.")
+            return events
+
+    return JSONResponse({"data": await run_in_threadpool(work)})

@@ -1,0 +1,1 @@
+"""byok-proxy data plane: forwarding, auth, crypto, store, usage log and CLI."""

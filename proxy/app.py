@@ -1,0 +1,150 @@
+"""`create_app(config)`: the one ASGI app serving the /v1 proxy, the admin API and health.
+
+A bare ASGI dispatcher sits in front: the /v1 hot path pays for no framework,
+the admin API is a Starlette app, and every response carries the proxy's
+request id in `X-Byok-Request-Id`. Shared resources (database, HTTP clients)
+are built in the lifespan and live on `ByokApp.runtime`, never at import.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from starlette.concurrency import run_in_threadpool
+
+from admin.app import create_admin_app
+from proxy.config import Config, load_config
+from proxy.errors import NotFound, ProxyError, ServiceUnavailable
+from proxy.runtime import Runtime
+from proxy.security import Vault
+from proxy.store import Store, migrate
+
+log = logging.getLogger("byok")
+
+Scope = dict[str, Any]
+Receive = Any
+Send = Any
+
+REQUEST_ID_HEADER = b"x-byok-request-id"
+
+
+def new_request_id() -> str:
+    """A fresh request id (also the usage line's `request_id`)."""
+    return "req_" + os.urandom(12).hex()
+
+
+async def send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+    """Send a complete JSON response."""
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, exc: ProxyError, headers: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+    """Send one of our errors in OpenAI's shape."""
+    await send_json(send, exc.status_code, exc.render(), headers)
+
+
+class ByokApp:
+    """The ASGI application; `runtime` exists between lifespan startup and shutdown."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.admin = create_admin_app()
+        self.runtime: Runtime | None = None
+
+    @asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[Runtime]:
+        """Build the runtime (database, clients) and tear it down."""
+        config = self.config
+        store = Store.connect(config.database_url, config.cache_ttl_seconds)
+        await run_in_threadpool(migrate, store.engine)
+        validation_client = httpx.AsyncClient(
+            timeout=httpx.Timeout(config.upstream.validation_timeout), follow_redirects=False
+        )
+        runtime = Runtime(
+            config=config,
+            store=store,
+            vault=Vault(config.keyring, store.load_ciphertext),
+            validation_client=validation_client,
+        )
+        self.runtime = runtime
+        self.admin.state.runtime = runtime
+        try:
+            yield runtime
+        finally:
+            await validation_client.aclose()
+            store.dispose()
+            self.runtime = None
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            async with self.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                message = await receive()
+                assert message["type"] == "lifespan.shutdown"
+        except BaseException as exc:
+            log.error("startup failed: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if kind != "http":
+            return
+        request_id = new_request_id()
+        scope.setdefault("state", {})["request_id"] = request_id
+        rid_header = (REQUEST_ID_HEADER, request_id.encode())
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), rid_header]
+            await send(message)
+
+        path: str = scope["path"]
+        if self.runtime is None:
+            await send_error(send_with_id, ServiceUnavailable("Not started.", code="not_ready"))
+        elif path.startswith("/api/"):
+            await self.admin(scope, receive, send_with_id)
+        elif path == "/healthz":
+            await send_json(send_with_id, 200, b'{"status":"ok"}')
+        elif path == "/readyz":
+            await self._readyz(send_with_id)
+        else:
+            await send_error(send_with_id, NotFound(f"No such route: {path[:100]}"))
+
+    async def _readyz(self, send: Send) -> None:
+        assert self.runtime is not None
+        try:
+            await run_in_threadpool(self.runtime.store.ping)
+        except Exception as exc:  # any driver error means "not ready"
+            log.warning("readiness check failed: database unreachable (%s)", type(exc).__name__)
+            await send_error(send, ServiceUnavailable("Database unreachable.", code="not_ready"))
+            return
+        await send_json(send, 200, json.dumps({"status": "ready"}).encode())
+
+
+def create_app(config: Config) -> ByokApp:
+    """The ASGI app for `config` (nothing is connected until the lifespan starts)."""
+    return ByokApp(config)
+
+
+def create_app_from_env() -> ByokApp:
+    """Factory for `uvicorn --factory` and worker processes: config from the environment."""
+    return create_app(load_config(dev=os.environ.get("BYOK_DEV") == "1"))

@@ -1,0 +1,154 @@
+"""The `byok-proxy` command: parses arguments and hands over; no logic of its own.
+
+    byok-proxy serve [--host H] [--port P] [--workers N] [--config F] [--dev]
+    byok-proxy gen-key [--admin-token]
+    byok-proxy rotate-keys [--config F]
+    byok-proxy tenants create --name N --tier T [--id ID]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+
+from proxy.config import Config, ConfigError, load_config
+from proxy.security import generate_master_key
+
+
+def _config(args: argparse.Namespace, dev: bool = False) -> Config:
+    try:
+        return load_config(args.config, dev=dev)
+    except ConfigError as exc:
+        print(f"byok-proxy: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.store import make_engine, migrate
+
+    config = _config(args, dev=args.dev)
+    _setup_logging(config.log_level)
+    if args.dev:
+        print(
+            "byok-proxy: DEV MODE. Generated secrets live in ./.byok/ (owner-only); "
+            "do not use this for production.\n"
+            f"byok-proxy: admin token: {config.admin_token.reveal()}",
+            file=sys.stderr,
+        )
+    engine = make_engine(config.database_url)
+    migrate(engine)  # once, before workers start, so they never race on the schema
+    engine.dispose()
+    # Workers rebuild the config from the environment (see create_app_from_env).
+    if args.config:
+        os.environ["BYOK_CONFIG"] = args.config
+    if args.dev:
+        os.environ["BYOK_DEV"] = "1"
+    uvicorn.run(
+        "proxy.app:create_app_from_env",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=config.log_level.lower(),
+        timeout_graceful_shutdown=int(config.shutdown_timeout_seconds),
+        server_header=False,
+        date_header=False,
+    )
+    return 0
+
+
+def cmd_gen_key(args: argparse.Namespace) -> int:
+    if args.admin_token:
+        print("adm-" + secrets.token_urlsafe(32))
+    else:
+        print(generate_master_key())
+    return 0
+
+
+def cmd_rotate_keys(args: argparse.Namespace) -> int:
+    from proxy.rotation import rotate_all
+    from proxy.store import Store, migrate
+
+    config = _config(args)
+    _setup_logging(config.log_level)
+    store = Store.connect(config.database_url)
+    migrate(store.engine)
+    report = rotate_all(store, config.keyring)
+    print(
+        f"rotate-keys: {report.rotated} re-encrypted, {report.current} already current, "
+        f"{report.failed} failed (primary key id {config.keyring.primary_kid})"
+    )
+    return 1 if report.failed else 0
+
+
+def cmd_tenants_create(args: argparse.Namespace) -> int:
+    from admin.audit import SYSTEM
+    from admin.tenants import create_tenant_row
+    from proxy.errors import ProxyError
+    from proxy.store import Store, migrate
+
+    config = _config(args)
+    store = Store.connect(config.database_url)
+    migrate(store.engine)
+    try:
+        with store.session() as s:
+            tenant, plaintext = create_tenant_row(s, SYSTEM, args.name, args.tier, args.id)
+    except ProxyError as exc:
+        print(f"byok-proxy: {exc.message}", file=sys.stderr)
+        return 1
+    print(f"tenant {tenant.id} ({tenant.tier}) created.")
+    print(f"proxy key (shown once): {plaintext}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="byok-proxy", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy and admin API")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--config", default=None, help="config.yaml path (default $BYOK_CONFIG)")
+    serve.add_argument("--dev", action="store_true",
+                       help="generate missing secrets into ./.byok (not for production)")
+    serve.set_defaults(func=cmd_serve)
+
+    gen = sub.add_parser("gen-key", help="print a new ENCRYPTION_KEY (or ADMIN_TOKEN)")
+    gen.add_argument("--admin-token", action="store_true", help="print an admin token instead")
+    gen.set_defaults(func=cmd_gen_key)
+
+    rotate = sub.add_parser("rotate-keys", help="re-encrypt every stored key under the first key")
+    rotate.add_argument("--config", default=None)
+    rotate.set_defaults(func=cmd_rotate_keys)
+
+    tenants = sub.add_parser("tenants", help="manage tenants")
+    tsub = tenants.add_subparsers(dest="tenants_command", required=True)
+    create = tsub.add_parser("create", help="create a tenant; prints its proxy key once")
+    create.add_argument("--name", required=True)
+    create.add_argument("--tier", required=True, choices=["trial", "pro", "enterprise"])
+    create.add_argument("--id", default=None)
+    create.add_argument("--config", default=None)
+    create.set_defaults(func=cmd_tenants_create)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `byok-proxy` console script."""
+    args = _parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

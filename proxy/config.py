@@ -1,0 +1,259 @@
+"""Typed configuration: `config.yaml` overlaid by environment variables, validated once.
+
+`load_config()` is called once at startup (by the CLI or a test) and the frozen
+`Config` it returns is passed down; nothing reads `os.environ` after that.
+Every problem raises `ConfigError` with a one-line message saying how to fix it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from proxy.security import Keyring, Secret, generate_master_key
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_DATABASE_URL = "sqlite:///./byok.db"
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+MIN_ADMIN_TOKEN_LENGTH = 32
+DEV_STATE_DIR = ".byok"
+
+
+class ConfigError(Exception):
+    """Configuration is missing or malformed; the message is one line, with the fix."""
+
+
+@dataclass(frozen=True)
+class TierPolicy:
+    """What a tier may do without its own OpenAI key."""
+
+    platform_fallback: bool = False
+    daily_requests: int = 200
+    daily_tokens: int = 200_000
+
+
+DEFAULT_TIERS = {
+    "trial": TierPolicy(platform_fallback=True),
+    "pro": TierPolicy(),
+    "enterprise": TierPolicy(),
+}
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """Where and how the proxy talks to OpenAI."""
+
+    base_url: str = DEFAULT_BASE_URL
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    validation_timeout: float = 10.0
+    allow_insecure: bool = False
+    max_connections: int = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the proxy needs, read once."""
+
+    keyring: Keyring
+    admin_token: Secret
+    database_url: str = DEFAULT_DATABASE_URL
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    platform_openai_key: Secret | None = None
+    usage_log: str = "-"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    cache_ttl_seconds: float = 5.0
+    tiers: Mapping[str, TierPolicy] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    log_level: str = "INFO"
+    metrics_require_auth: bool = False
+    admin_host: str | None = None
+    admin_port: int | None = None
+    shutdown_timeout_seconds: float = 30.0
+
+
+def _section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"config.yaml: '{name}' must be a mapping")
+    unknown = set(value) - allowed
+    if unknown:
+        raise ConfigError(f"config.yaml: unknown setting(s) {sorted(unknown)} under '{name}'")
+    return value
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"config.yaml: '{where}' must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise ConfigError(f"config file {path} does not exist (set BYOK_CONFIG or --config)")
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    top = {
+        "database_url", "usage_log", "upstream", "limits", "cache_ttl_seconds", "tiers",
+        "log", "metrics", "admin", "server",
+    }
+    unknown = set(raw) - top
+    if unknown:
+        raise ConfigError(f"config.yaml: unknown setting(s) {sorted(unknown)}")
+    return raw
+
+
+def check_upstream_url(url: str, allow_insecure: bool) -> str:
+    """Normalise the upstream base URL; refuse plaintext HTTP unless loopback or allowed."""
+    url = url.rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"OPENAI_BASE_URL must be an http(s) URL, got {url!r}")
+    if parts.query or parts.fragment or parts.username:
+        raise ConfigError("OPENAI_BASE_URL must not carry credentials, a query or a fragment")
+    if not parts.path.endswith("/v1"):
+        raise ConfigError(f"OPENAI_BASE_URL must end in /v1, got {url!r}")
+    if parts.scheme == "http" and not allow_insecure and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            "OPENAI_BASE_URL uses plaintext http to a non-loopback host; keys would travel "
+            "unencrypted (set upstream.allow_insecure: true in config.yaml to override)"
+        )
+    return url
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _dev_secret(state_dir: Path, name: str, make: Any) -> str:
+    """Read or create one generated dev secret, owner-only."""
+    state_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    path = state_dir / name
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(make())
+        print(
+            f"byok-proxy --dev: generated {name} into {path.resolve()} "
+            "(owner-only). DEV MODE: NOT FOR PRODUCTION.",
+            file=sys.stderr,
+        )
+    return path.read_text().strip()
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    dev: bool = False,
+    state_dir: str | Path = DEV_STATE_DIR,
+) -> Config:
+    """Build the Config from `config.yaml` (or `path`) and environment `env`.
+
+    With `dev=True`, a missing ENCRYPTION_KEY / ADMIN_TOKEN is generated once
+    into `state_dir` and reused on later starts.
+    """
+    env = os.environ if env is None else env
+    explicit = path is not None or "BYOK_CONFIG" in env
+    cfg_path = Path(path or env.get("BYOK_CONFIG") or "config.yaml")
+    raw = _read_yaml(cfg_path, required=explicit)
+
+    up = _section(raw, "upstream", {
+        "base_url", "connect_timeout_seconds", "read_timeout_seconds",
+        "validation_timeout_seconds", "allow_insecure", "max_connections",
+    })
+    limits = _section(raw, "limits", {"max_body_bytes"})
+    log = _section(raw, "log", {"level"})
+    metrics = _section(raw, "metrics", {"require_admin_token"})
+    admin = _section(raw, "admin", {"host", "port"})
+    server = _section(raw, "server", {"shutdown_timeout_seconds"})
+
+    allow_insecure = _typed(up.get("allow_insecure", False), bool, "upstream.allow_insecure")
+    base_url = env.get("OPENAI_BASE_URL") or up.get("base_url") or DEFAULT_BASE_URL
+    upstream = UpstreamConfig(
+        base_url=check_upstream_url(str(base_url), allow_insecure),
+        connect_timeout=_typed(up.get("connect_timeout_seconds", 5.0), float, "connect_timeout"),
+        read_timeout=_typed(up.get("read_timeout_seconds", 600.0), float, "read_timeout"),
+        validation_timeout=_typed(
+            up.get("validation_timeout_seconds", 10.0), float, "validation_timeout"
+        ),
+        allow_insecure=allow_insecure,
+        max_connections=_typed(up.get("max_connections", 1000), int, "max_connections"),
+    )
+
+    state = Path(state_dir)
+    enc = env.get("ENCRYPTION_KEY") or ""
+    token = env.get("ADMIN_TOKEN") or ""
+    if dev and not enc:
+        enc = _dev_secret(state, "encryption_key", generate_master_key)
+    if dev and not token:
+        token = _dev_secret(state, "admin_token", lambda: "adm-" + secrets.token_urlsafe(32))
+    if not enc:
+        raise ConfigError(
+            "ENCRYPTION_KEY is not set; make one with `byok-proxy gen-key` (or use `serve --dev`)"
+        )
+    try:
+        keyring = Keyring.parse(enc)
+    except ValueError as exc:
+        raise ConfigError(f"ENCRYPTION_KEY is malformed: {exc}; make one with `byok-proxy gen-key`") from None
+    if len(token) < MIN_ADMIN_TOKEN_LENGTH:
+        what = "is not set" if not token else f"is shorter than {MIN_ADMIN_TOKEN_LENGTH} characters"
+        raise ConfigError(
+            f"ADMIN_TOKEN {what}; make one with `byok-proxy gen-key --admin-token`"
+        )
+
+    tiers = dict(DEFAULT_TIERS)
+    for name, spec in _section(raw, "tiers", set(DEFAULT_TIERS)).items():
+        spec = spec or {}
+        if not isinstance(spec, dict) or set(spec) - {"platform_fallback", "daily_requests", "daily_tokens"}:
+            raise ConfigError(f"config.yaml: tiers.{name} accepts platform_fallback, daily_requests, daily_tokens")
+        base = tiers[name]
+        tiers[name] = TierPolicy(
+            platform_fallback=_typed(spec.get("platform_fallback", base.platform_fallback), bool, f"tiers.{name}.platform_fallback"),
+            daily_requests=_typed(spec.get("daily_requests", base.daily_requests), int, f"tiers.{name}.daily_requests"),
+            daily_tokens=_typed(spec.get("daily_tokens", base.daily_tokens), int, f"tiers.{name}.daily_tokens"),
+        )
+
+    level = str(log.get("level", "INFO")).upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"config.yaml: log.level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+    platform = env.get("PLATFORM_OPENAI_KEY")
+    admin_port = admin.get("port")
+    return Config(
+        keyring=keyring,
+        admin_token=Secret(token),
+        database_url=env.get("DATABASE_URL") or raw.get("database_url") or DEFAULT_DATABASE_URL,
+        upstream=upstream,
+        platform_openai_key=Secret(platform) if platform else None,
+        usage_log=env.get("USAGE_LOG") or raw.get("usage_log") or "-",
+        max_body_bytes=_typed(limits.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), int, "limits.max_body_bytes"),
+        cache_ttl_seconds=_typed(raw.get("cache_ttl_seconds", 5.0), float, "cache_ttl_seconds"),
+        tiers=tiers,
+        log_level=level,
+        metrics_require_auth=_typed(metrics.get("require_admin_token", False), bool, "metrics.require_admin_token"),
+        admin_host=admin.get("host"),
+        admin_port=_typed(admin_port, int, "admin.port") if admin_port is not None else None,
+        shutdown_timeout_seconds=_typed(server.get("shutdown_timeout_seconds", 30.0), float, "server.shutdown_timeout_seconds"),
+    )

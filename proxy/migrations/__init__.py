@@ -1,0 +1,1 @@
+"""Alembic migrations of the byok-proxy schema (run by `proxy.store.migrate`)."""

@@ -1,0 +1,84 @@
+"""Database tables (SQLModel). Public API shapes live in `admin/schemas.py`.
+
+`Tenant.openai_api_key_encrypted` holds only ciphertext (see `proxy.security`);
+`ProxyKey` holds only a SHA-256 hash; `AuditEvent` has no foreign key so the
+history outlives a deleted tenant.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+from sqlmodel import Field, SQLModel
+
+TIERS = ("trial", "pro", "enterprise")
+KEY_STATUSES = ("none", "active", "invalid")
+
+
+def utcnow() -> datetime:
+    """Aware UTC now."""
+    return datetime.now(UTC)
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    """RFC 3339 UTC text of a stored timestamp."""
+    if value is None:
+        return None
+    if value.tzinfo is not None:
+        value = value.astimezone(UTC).replace(tzinfo=None)
+    return value.isoformat(timespec="milliseconds") + "Z"
+
+
+class Tenant(SQLModel, table=True):
+    """A contractor: its tier and, encrypted, its OpenAI key."""
+
+    __tablename__ = "tenants"
+
+    id: str = Field(primary_key=True, max_length=63)
+    name: str = Field(max_length=200)
+    tier: str = Field(max_length=20)
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    openai_api_key_encrypted: str | None = Field(default=None, repr=False)
+    openai_key_status: str = Field(default="none", max_length=10)
+    openai_key_hint: str | None = Field(default=None, max_length=20)
+    openai_key_validated_at: datetime | None = None
+    openai_key_updated_at: datetime | None = None
+
+
+class ProxyKey(SQLModel, table=True):
+    """A tenant's proxy key, stored as its SHA-256 hash."""
+
+    __tablename__ = "proxy_keys"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, ondelete="CASCADE")
+    key_hash: str = Field(unique=True, max_length=64, repr=False)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class AuditEvent(SQLModel, table=True):
+    """One change to a tenant or its keys. Never holds a key, only its hint."""
+
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: datetime = Field(default_factory=utcnow, index=True)
+    tenant_id: str = Field(index=True, max_length=63)
+    action: str = Field(max_length=40)
+    actor: str = Field(max_length=10)
+    key_hint: str | None = Field(default=None, max_length=40)
+    request_id: str | None = Field(default=None, max_length=64)
+    source_ip: str | None = Field(default=None, max_length=64)
+
+
+class TrialAllowance(SQLModel, table=True):
+    """Platform-key use by a tenant on one UTC day, shared by all workers."""
+
+    __tablename__ = "trial_allowance"
+
+    tenant_id: str = Field(primary_key=True, max_length=63)
+    day: date = Field(primary_key=True)
+    requests: int = 0
+    tokens: int = 0

@@ -1,0 +1,65 @@
+"""Re-encrypting every stored OpenAI key under the primary master key (`rotate-keys`).
+
+Safe while replicas serve and after a crash: each tenant is re-encrypted in its
+own transaction, guarded by the ciphertext it read (a concurrent change wins
+and is left alone), with its `openai_key.rotated` audit event. Ciphertexts
+already under the primary key are skipped, so a second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlmodel import col, select
+
+from admin import audit
+from proxy.errors import KeyDecryptionFailed
+from proxy.models import Tenant
+from proxy.security import Keyring
+from proxy.store import Store
+
+log = logging.getLogger("byok.rotation")
+
+
+@dataclass
+class RotationReport:
+    rotated: int = 0
+    current: int = 0
+    failed: int = 0
+
+
+def rotate_all(store: Store, keyring: Keyring) -> RotationReport:
+    """Re-encrypt what is not under `keyring`'s primary key; report what happened."""
+    report = RotationReport()
+    with store.session() as s:
+        rows = s.exec(
+            select(Tenant.id, Tenant.openai_api_key_encrypted).where(
+                col(Tenant.openai_api_key_encrypted).is_not(None)
+            )
+        ).all()
+    for tenant_id, ciphertext in rows:
+        if Keyring.kid_of(ciphertext) == keyring.primary_kid:
+            report.current += 1
+            continue
+        try:
+            fresh = keyring.encrypt(keyring.decrypt(ciphertext, tenant_id).reveal(), tenant_id)
+        except KeyDecryptionFailed:
+            log.error("rotate-keys: tenant %s: stored key does not decrypt; left as is", tenant_id)
+            report.failed += 1
+            continue
+        with store.session() as s:
+            changed = s.execute(
+                update(Tenant)
+                .where(col(Tenant.id) == tenant_id, col(Tenant.openai_api_key_encrypted) == ciphertext)
+                .values(openai_api_key_encrypted=fresh)
+            ).rowcount  # type: ignore[attr-defined]
+            if changed:
+                hint = s.get(Tenant, tenant_id).openai_key_hint  # type: ignore[union-attr]
+                audit.record(s, audit.SYSTEM, tenant_id, "openai_key.rotated", hint)
+                s.commit()
+                report.rotated += 1
+            else:  # changed concurrently; the new value is under the primary key already
+                report.current += 1
+    return report

@@ -1,0 +1,174 @@
+"""The database: engine, migrations, sessions, and the cached lookups of the hot path.
+
+SQLite (WAL mode, busy timeout: safe with several workers) is the embedded
+default; the same code runs on PostgreSQL through `DATABASE_URL`. Schema
+changes go through Alembic (`proxy/migrations`).
+
+The proxy-key and tenant lookups are cached in-process for
+`cache_ttl_seconds`. A change made through this process calls
+`invalidate_*` so it takes effect here at once; other replicas see it within
+the TTL. The cache holds ciphertext at most, never a plaintext key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, text
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, create_engine, select
+
+from proxy.models import ProxyKey, Tenant
+from proxy.security import hash_proxy_key
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+_PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
+
+
+@dataclass(frozen=True)
+class TenantSnapshot:
+    """What the hot path needs of a tenant (cacheable: no plaintext)."""
+
+    id: str
+    tier: str
+    key_status: str
+    ciphertext: str | None
+
+    def __repr__(self) -> str:
+        return f"TenantSnapshot(id={self.id!r}, tier={self.tier!r}, key_status={self.key_status!r})"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a proxy key belongs to."""
+
+    tenant_id: str
+    key_id: str
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine; SQLite gets WAL mode, a busy timeout and foreign keys."""
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(
+        url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+    )
+
+
+def _alembic_config(connection: Any) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (no-op when already there)."""
+    head = ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+    with engine.connect() as conn:
+        if MigrationContext.configure(conn).get_current_revision() == head:
+            return
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        command.upgrade(_alembic_config(conn), "head")
+
+
+class Store:
+    """Sessions plus the TTL-cached lookups used on every proxied request."""
+
+    def __init__(self, engine: Engine, cache_ttl: float = 5.0) -> None:
+        self.engine = engine
+        self.cache_ttl = cache_ttl
+        self._keys: dict[str, tuple[float, Principal | None]] = {}
+        self._tenants: dict[str, tuple[float, TenantSnapshot | None]] = {}
+
+    @classmethod
+    def connect(cls, url: str, cache_ttl: float = 5.0) -> Store:
+        return cls(make_engine(url), cache_ttl)
+
+    def __repr__(self) -> str:
+        return f"Store(dialect={self.engine.dialect.name!r})"
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session; commit explicitly, rolled back on error."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    def ping(self) -> None:
+        """Raise if the database cannot be reached."""
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- cached lookups (hot path) -------------------------------------------------
+
+    def principal(self, proxy_key: str) -> Principal | None:
+        """The tenant a proxy key belongs to, or None if unknown or revoked."""
+        digest = hash_proxy_key(proxy_key)
+        now = time.monotonic()
+        hit = self._keys.get(digest)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with self.session() as s:
+            row = s.exec(
+                select(ProxyKey).where(ProxyKey.key_hash == digest, ProxyKey.revoked_at.is_(None))  # type: ignore[union-attr]
+            ).first()
+        found = Principal(row.tenant_id, row.id) if row else None
+        self._keys[digest] = (now + self.cache_ttl, found)
+        return found
+
+    def tenant(self, tenant_id: str) -> TenantSnapshot | None:
+        """A snapshot of the tenant, or None if it does not exist."""
+        now = time.monotonic()
+        hit = self._tenants.get(tenant_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        with self.session() as s:
+            row = s.get(Tenant, tenant_id)
+        snap = (
+            TenantSnapshot(row.id, row.tier, row.openai_key_status, row.openai_api_key_encrypted)
+            if row
+            else None
+        )
+        self._tenants[tenant_id] = (now + self.cache_ttl, snap)
+        return snap
+
+    def load_ciphertext(self, tenant_id: str) -> str | None:
+        """The stored ciphertext of a tenant's OpenAI key (uncached)."""
+        with self.session() as s:
+            row = s.get(Tenant, tenant_id)
+        return row.openai_api_key_encrypted if row else None
+
+    def invalidate_tenant(self, tenant_id: str) -> None:
+        """Forget the cached tenant so this replica sees a change at once."""
+        self._tenants.pop(tenant_id, None)
+
+    def invalidate_keys(self) -> None:
+        """Forget every cached proxy-key lookup (after a revocation or deletion)."""
+        self._keys.clear()
