@@ -92,11 +92,20 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from admin.audit import SYSTEM
+    from admin.schemas import TenantCreate
     from admin.tenants import create_tenant_row
     from proxy.errors import ProxyError
     from proxy.store import Store, migrate
 
+    try:
+        TenantCreate(name=args.name, tier=args.tier, id=args.id)
+    except ValidationError as exc:
+        first = exc.errors(include_input=False, include_url=False)[0]
+        print(f"byok-proxy: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
+        return 2
     config = _config(args)
     store = Store.connect(config.database_url)
     migrate(store.engine)

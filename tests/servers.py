@@ -1,0 +1,62 @@
+"""Real servers for end-to-end tests: free loopback ports and `byok-proxy serve` processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_up(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+    """Poll `url` until it answers; fail early if `proc` dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering")
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.TransportError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+@contextmanager
+def serve(args: list[str], env: Mapping[str, str], cwd: Path, port: int,
+          log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `byok-proxy serve --port PORT ARGS` in `cwd`, output to `log`; stop it after."""
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("ENCRYPTION_KEY", "ADMIN_TOKEN", "DATABASE_URL", "BYOK_CONFIG",
+                             "OPENAI_BASE_URL", "PLATFORM_OPENAI_KEY", "USAGE_LOG")}
+    full_env.update(env)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), *args],
+            cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
