@@ -44,7 +44,9 @@ def check_key_format(raw: str) -> Secret:
     if not key.startswith("sk-"):
         raise fail("An OpenAI API key starts with 'sk-'.")
     if key.startswith("sk-admin-"):
-        raise fail("OpenAI admin keys ('sk-admin-') are refused; register a project or user API key.")
+        raise fail(
+            "OpenAI admin keys ('sk-admin-') are refused; register a project or user API key."
+        )
     if not MIN_KEY_LENGTH <= len(key) <= MAX_KEY_LENGTH:
         raise fail(f"An OpenAI API key is {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} characters long.")
     if not _KEY_CHARS.fullmatch(key):
@@ -57,7 +59,10 @@ def _insufficient_quota(response: httpx.Response) -> bool:
         error = response.json().get("error") or {}
     except ValueError:
         return False
-    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))
+    return isinstance(error, dict) and "insufficient_quota" in (
+        error.get("code"),
+        error.get("type"),
+    )
 
 
 async def validate_with_openai(runtime: Runtime, key: Secret, tenant_id: str) -> None:

@@ -32,13 +32,19 @@ _BODY_ERRORS = {
     "422": _error("Body failed validation"),
 }
 _TENANT_ID = {
-    "name": "tenant_id", "in": "path", "required": True,
+    "name": "tenant_id",
+    "in": "path",
+    "required": True,
     "schema": {"type": "string", "pattern": TENANT_ID_PATTERN},
 }
 
 
-def _op(summary: str, responses: dict[str, Any], body: str | None = None,
-        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _op(
+    summary: str,
+    responses: dict[str, Any],
+    body: str | None = None,
+    params: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": responses, "parameters": params or []}
     if body:
         op["requestBody"] = {"required": True, **_json(_ref(body))}
@@ -52,9 +58,12 @@ def openapi_schema() -> dict[str, Any]:
         "type": "object",
         "required": ["id", "name", "tier", "created_at", "updated_at", "openai_key"],
         "properties": {
-            "id": {"type": "string"}, "name": {"type": "string"},
+            "id": {"type": "string"},
+            "name": {"type": "string"},
             "tier": {"type": "string", "enum": ["trial", "pro", "enterprise"]},
-            "created_at": _TS, "updated_at": _TS, "openai_key": _ref("OpenAIKeyStatus"),
+            "created_at": _TS,
+            "updated_at": _TS,
+            "openai_key": _ref("OpenAIKeyStatus"),
         },
     }
     key_status = {
@@ -63,40 +72,58 @@ def openapi_schema() -> dict[str, Any]:
         "properties": {
             "status": {"type": "string", "enum": ["none", "active", "invalid"]},
             "hint": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            "validated_at": _NULLABLE_TS, "updated_at": _NULLABLE_TS,
+            "validated_at": _NULLABLE_TS,
+            "updated_at": _NULLABLE_TS,
         },
     }
     error = {
-        "type": "object", "required": ["error"],
-        "properties": {"error": {
-            "type": "object", "required": ["message", "type", "param", "code"],
-            "properties": {
-                "message": {"type": "string"}, "type": {"type": "string"},
-                "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-                "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
-            },
-        }},
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                    "code": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                },
+            }
+        },
     }
     created = {
-        "type": "object", "required": ["id", "name", "tier", "api_key", "created_at"],
+        "type": "object",
+        "required": ["id", "name", "tier", "api_key", "created_at"],
         "properties": {
-            "id": {"type": "string"}, "name": {"type": "string"}, "tier": {"type": "string"},
-            "api_key": {"type": "string"}, "created_at": _TS,
+            "id": {"type": "string"},
+            "name": {"type": "string"},
+            "tier": {"type": "string"},
+            "api_key": {"type": "string"},
+            "created_at": _TS,
         },
     }
     issued = {
-        "type": "object", "required": ["id", "api_key", "created_at"],
+        "type": "object",
+        "required": ["id", "api_key", "created_at"],
         "properties": {"id": {"type": "string"}, "api_key": {"type": "string"}, "created_at": _TS},
     }
     key_set = {
-        "type": "object", "required": ["status", "hint", "validated_at"],
-        "properties": {"status": {"type": "string"}, "hint": {"type": "string"}, "validated_at": _TS},
+        "type": "object",
+        "required": ["status", "hint", "validated_at"],
+        "properties": {
+            "status": {"type": "string"},
+            "hint": {"type": "string"},
+            "validated_at": _TS,
+        },
     }
     event = {
         "type": "object",
         "required": ["ts", "tenant_id", "action", "actor", "key_hint", "request_id", "source_ip"],
         "properties": {
-            "id": {"type": "integer"}, "ts": _TS, "tenant_id": {"type": "string"},
+            "id": {"type": "integer"},
+            "ts": _TS,
+            "tenant_id": {"type": "string"},
             "action": {"type": "string"},
             "actor": {"type": "string", "enum": ["admin", "tenant", "system"]},
             "key_hint": {"anyOf": [{"type": "string"}, {"type": "null"}]},
@@ -105,14 +132,19 @@ def openapi_schema() -> dict[str, Any]:
         },
     }
     listing = lambda item: {  # noqa: E731
-        "type": "object", "required": ["data"],
+        "type": "object",
+        "required": ["data"],
         "properties": {"data": {"type": "array", "items": _ref(item)}},
     }
     ok = lambda schema, code="200", d="OK": {code: {"description": d, **_json(schema)}}  # noqa: E731
     gone = {"204": {"description": "Done"}}
     key_id = {"name": "key_id", "in": "path", "required": True, "schema": {"type": "string"}}
-    limit = {"name": "limit", "in": "query", "required": False,
-             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
+    limit = {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+    }
     t = "/api/v1/tenants"
     return {
         "openapi": "3.1.0",
@@ -120,8 +152,12 @@ def openapi_schema() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
-                "Tenant": tenant, "OpenAIKeyStatus": key_status, "Error": error,
-                "TenantCreated": created, "ApiKeyIssued": issued, "OpenAIKeySet": key_set,
+                "Tenant": tenant,
+                "OpenAIKeyStatus": key_status,
+                "Error": error,
+                "TenantCreated": created,
+                "ApiKeyIssued": issued,
+                "OpenAIKeySet": key_set,
                 "AuditEvent": event,
                 "TenantCreate": TenantCreate.model_json_schema(),
                 "TenantUpdate": TenantUpdate.model_json_schema(),
@@ -131,46 +167,82 @@ def openapi_schema() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": {
             t: {
-                "post": _op("Create a tenant and its first proxy key",
-                            {**ok(_ref("TenantCreated"), "201", "Created"), **_ADMIN_ONLY,
-                             **_BODY_ERRORS, "409": _error("Tenant id taken")}, "TenantCreate"),
+                "post": _op(
+                    "Create a tenant and its first proxy key",
+                    {
+                        **ok(_ref("TenantCreated"), "201", "Created"),
+                        **_ADMIN_ONLY,
+                        **_BODY_ERRORS,
+                        "409": _error("Tenant id taken"),
+                    },
+                    "TenantCreate",
+                ),
                 "get": _op("List tenants", {**ok(listing("Tenant")), **_ADMIN_ONLY}),
             },
             t + "/{tenant_id}": {
-                "get": _op("One tenant (self)", {**ok(_ref("Tenant")), **_AUTH_ERRORS,
-                                                 **_NOT_FOUND}, params=[_TENANT_ID]),
-                "patch": _op("Change name or tier", {**ok(_ref("Tenant")), **_ADMIN_ONLY,
-                                                     **_NOT_FOUND, **_BODY_ERRORS},
-                             "TenantUpdate", [_TENANT_ID]),
-                "delete": _op("Delete a tenant and its keys", {**gone, **_ADMIN_ONLY,
-                                                               **_NOT_FOUND}, params=[_TENANT_ID]),
+                "get": _op(
+                    "One tenant (self)",
+                    {**ok(_ref("Tenant")), **_AUTH_ERRORS, **_NOT_FOUND},
+                    params=[_TENANT_ID],
+                ),
+                "patch": _op(
+                    "Change name or tier",
+                    {**ok(_ref("Tenant")), **_ADMIN_ONLY, **_NOT_FOUND, **_BODY_ERRORS},
+                    "TenantUpdate",
+                    [_TENANT_ID],
+                ),
+                "delete": _op(
+                    "Delete a tenant and its keys",
+                    {**gone, **_ADMIN_ONLY, **_NOT_FOUND},
+                    params=[_TENANT_ID],
+                ),
             },
             t + "/{tenant_id}/openai-key": {
-                "post": _op("Validate, encrypt and store the tenant's OpenAI key (self)",
-                            {**ok(_ref("OpenAIKeySet")), **_AUTH_ERRORS, **_NOT_FOUND,
-                             **_BODY_ERRORS, "402": _error("OpenAI rejected the key"),
-                             "503": _error("OpenAI unreachable")},
-                            "OpenAIKeyIn", [_TENANT_ID]),
-                "delete": _op("Remove the stored OpenAI key (self)",
-                              {**gone, **_AUTH_ERRORS, **_NOT_FOUND}, params=[_TENANT_ID]),
+                "post": _op(
+                    "Validate, encrypt and store the tenant's OpenAI key (self)",
+                    {
+                        **ok(_ref("OpenAIKeySet")),
+                        **_AUTH_ERRORS,
+                        **_NOT_FOUND,
+                        **_BODY_ERRORS,
+                        "402": _error("OpenAI rejected the key"),
+                        "503": _error("OpenAI unreachable"),
+                    },
+                    "OpenAIKeyIn",
+                    [_TENANT_ID],
+                ),
+                "delete": _op(
+                    "Remove the stored OpenAI key (self)",
+                    {**gone, **_AUTH_ERRORS, **_NOT_FOUND},
+                    params=[_TENANT_ID],
+                ),
             },
             t + "/{tenant_id}/api-keys": {
-                "post": _op("Issue another proxy key",
-                            {**ok(_ref("ApiKeyIssued"), "201", "Created"), **_ADMIN_ONLY,
-                             **_NOT_FOUND}, params=[_TENANT_ID]),
+                "post": _op(
+                    "Issue another proxy key",
+                    {**ok(_ref("ApiKeyIssued"), "201", "Created"), **_ADMIN_ONLY, **_NOT_FOUND},
+                    params=[_TENANT_ID],
+                ),
             },
             t + "/{tenant_id}/api-keys/{key_id}": {
-                "delete": _op("Revoke a proxy key", {**gone, **_ADMIN_ONLY, **_NOT_FOUND},
-                              params=[_TENANT_ID, key_id]),
+                "delete": _op(
+                    "Revoke a proxy key",
+                    {**gone, **_ADMIN_ONLY, **_NOT_FOUND},
+                    params=[_TENANT_ID, key_id],
+                ),
             },
             t + "/{tenant_id}/audit": {
-                "get": _op("The tenant's audit events, newest first (self)",
-                           {**ok(listing("AuditEvent")), **_AUTH_ERRORS, **_NOT_FOUND},
-                           params=[_TENANT_ID, limit]),
+                "get": _op(
+                    "The tenant's audit events, newest first (self)",
+                    {**ok(listing("AuditEvent")), **_AUTH_ERRORS, **_NOT_FOUND},
+                    params=[_TENANT_ID, limit],
+                ),
             },
             "/api/v1/openapi.json": {
-                "get": {"summary": "This document",
-                        "responses": {"200": {"description": "OK"}, **_ADMIN_ONLY}},
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OK"}, **_ADMIN_ONLY},
+                },
             },
         },
     }

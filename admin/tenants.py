@@ -47,8 +47,9 @@ def create_tenant_row(
         store_session.flush()
     except IntegrityError:
         store_session.rollback()
-        raise Conflict(f"A tenant with id {tenant.id!r} already exists.", param="id",
-                       code="tenant_exists") from None
+        raise Conflict(
+            f"A tenant with id {tenant.id!r} already exists.", param="id", code="tenant_exists"
+        ) from None
     _, plaintext = _issue_key(store_session, actor, tenant.id)
     store_session.commit()
     return tenant, plaintext

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -39,18 +39,27 @@ def new_request_id() -> str:
     return "req_" + os.urandom(12).hex()
 
 
-async def send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+async def send_json(
+    send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     """Send a complete JSON response."""
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()), *headers],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
-async def send_error(send: Send, exc: ProxyError, headers: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+async def send_error(
+    send: Send, exc: ProxyError, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     """Send one of our errors in OpenAI's shape."""
     await send_json(send, exc.status_code, exc.render(), headers)
 

@@ -1,9 +1,9 @@
 """The `byok-proxy` command: parses arguments and hands over; no logic of its own.
 
-    byok-proxy serve [--host H] [--port P] [--workers N] [--config F] [--dev]
-    byok-proxy gen-key [--admin-token]
-    byok-proxy rotate-keys [--config F]
-    byok-proxy tenants create --name N --tier T [--id ID]
+byok-proxy serve [--host H] [--port P] [--workers N] [--config F] [--dev]
+byok-proxy gen-key [--admin-token]
+byok-proxy rotate-keys [--config F]
+byok-proxy tenants create --name N --tier T [--id ID]
 """
 
 from __future__ import annotations
@@ -129,8 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--config", default=None, help="config.yaml path (default $BYOK_CONFIG)")
-    serve.add_argument("--dev", action="store_true",
-                       help="generate missing secrets into ./.byok (not for production)")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="generate missing secrets into ./.byok (not for production)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("gen-key", help="print a new ENCRYPTION_KEY (or ADMIN_TOKEN)")

@@ -110,8 +110,16 @@ def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     top = {
-        "database_url", "usage_log", "upstream", "limits", "cache_ttl_seconds", "tiers",
-        "log", "metrics", "admin", "server",
+        "database_url",
+        "usage_log",
+        "upstream",
+        "limits",
+        "cache_ttl_seconds",
+        "tiers",
+        "log",
+        "metrics",
+        "admin",
+        "server",
     }
     unknown = set(raw) - top
     if unknown:
@@ -180,10 +188,18 @@ def load_config(
     cfg_path = Path(path or env.get("BYOK_CONFIG") or "config.yaml")
     raw = _read_yaml(cfg_path, required=explicit)
 
-    up = _section(raw, "upstream", {
-        "base_url", "connect_timeout_seconds", "read_timeout_seconds",
-        "validation_timeout_seconds", "allow_insecure", "max_connections",
-    })
+    up = _section(
+        raw,
+        "upstream",
+        {
+            "base_url",
+            "connect_timeout_seconds",
+            "read_timeout_seconds",
+            "validation_timeout_seconds",
+            "allow_insecure",
+            "max_connections",
+        },
+    )
     limits = _section(raw, "limits", {"max_body_bytes"})
     log = _section(raw, "log", {"level"})
     metrics = _section(raw, "metrics", {"require_admin_token"})
@@ -217,28 +233,44 @@ def load_config(
     try:
         keyring = Keyring.parse(enc)
     except ValueError as exc:
-        raise ConfigError(f"ENCRYPTION_KEY is malformed: {exc}; make one with `byok-proxy gen-key`") from None
+        raise ConfigError(
+            f"ENCRYPTION_KEY is malformed: {exc}; make one with `byok-proxy gen-key`"
+        ) from None
     if len(token) < MIN_ADMIN_TOKEN_LENGTH:
         what = "is not set" if not token else f"is shorter than {MIN_ADMIN_TOKEN_LENGTH} characters"
-        raise ConfigError(
-            f"ADMIN_TOKEN {what}; make one with `byok-proxy gen-key --admin-token`"
-        )
+        raise ConfigError(f"ADMIN_TOKEN {what}; make one with `byok-proxy gen-key --admin-token`")
 
     tiers = dict(DEFAULT_TIERS)
     for name, spec in _section(raw, "tiers", set(DEFAULT_TIERS)).items():
         spec = spec or {}
-        if not isinstance(spec, dict) or set(spec) - {"platform_fallback", "daily_requests", "daily_tokens"}:
-            raise ConfigError(f"config.yaml: tiers.{name} accepts platform_fallback, daily_requests, daily_tokens")
+        if not isinstance(spec, dict) or set(spec) - {
+            "platform_fallback",
+            "daily_requests",
+            "daily_tokens",
+        }:
+            raise ConfigError(
+                f"config.yaml: tiers.{name} accepts platform_fallback, daily_requests, daily_tokens"
+            )
         base = tiers[name]
         tiers[name] = TierPolicy(
-            platform_fallback=_typed(spec.get("platform_fallback", base.platform_fallback), bool, f"tiers.{name}.platform_fallback"),
-            daily_requests=_typed(spec.get("daily_requests", base.daily_requests), int, f"tiers.{name}.daily_requests"),
-            daily_tokens=_typed(spec.get("daily_tokens", base.daily_tokens), int, f"tiers.{name}.daily_tokens"),
+            platform_fallback=_typed(
+                spec.get("platform_fallback", base.platform_fallback),
+                bool,
+                f"tiers.{name}.platform_fallback",
+            ),
+            daily_requests=_typed(
+                spec.get("daily_requests", base.daily_requests), int, f"tiers.{name}.daily_requests"
+            ),
+            daily_tokens=_typed(
+                spec.get("daily_tokens", base.daily_tokens), int, f"tiers.{name}.daily_tokens"
+            ),
         )
 
     level = str(log.get("level", "INFO")).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"config.yaml: log.level must be DEBUG, INFO, WARNING or ERROR, got {level!r}")
+        raise ConfigError(
+            f"config.yaml: log.level must be DEBUG, INFO, WARNING or ERROR, got {level!r}"
+        )
     platform = env.get("PLATFORM_OPENAI_KEY")
     admin_port = admin.get("port")
     return Config(
@@ -248,12 +280,18 @@ def load_config(
         upstream=upstream,
         platform_openai_key=Secret(platform) if platform else None,
         usage_log=env.get("USAGE_LOG") or raw.get("usage_log") or "-",
-        max_body_bytes=_typed(limits.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), int, "limits.max_body_bytes"),
+        max_body_bytes=_typed(
+            limits.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), int, "limits.max_body_bytes"
+        ),
         cache_ttl_seconds=_typed(raw.get("cache_ttl_seconds", 5.0), float, "cache_ttl_seconds"),
         tiers=tiers,
         log_level=level,
-        metrics_require_auth=_typed(metrics.get("require_admin_token", False), bool, "metrics.require_admin_token"),
+        metrics_require_auth=_typed(
+            metrics.get("require_admin_token", False), bool, "metrics.require_admin_token"
+        ),
         admin_host=admin.get("host"),
         admin_port=_typed(admin_port, int, "admin.port") if admin_port is not None else None,
-        shutdown_timeout_seconds=_typed(server.get("shutdown_timeout_seconds", 30.0), float, "server.shutdown_timeout_seconds"),
+        shutdown_timeout_seconds=_typed(
+            server.get("shutdown_timeout_seconds", 30.0), float, "server.shutdown_timeout_seconds"
+        ),
     )

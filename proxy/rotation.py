@@ -52,7 +52,9 @@ def rotate_all(store: Store, keyring: Keyring) -> RotationReport:
         with store.session() as s:
             changed = s.execute(
                 update(Tenant)
-                .where(col(Tenant.id) == tenant_id, col(Tenant.openai_api_key_encrypted) == ciphertext)
+                .where(
+                    col(Tenant.id) == tenant_id, col(Tenant.openai_api_key_encrypted) == ciphertext
+                )
                 .values(openai_api_key_encrypted=fresh)
             ).rowcount  # type: ignore[attr-defined]
             if changed:

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy
+from helpers import make_config
 
 from proxy.app import ByokApp, create_app
-from helpers import make_config
 from proxy.config import Config
 from proxy.security import generate_master_key
 

@@ -22,7 +22,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until_up(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20) -> None:
+def wait_until_up(
+    url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20
+) -> None:
     """Poll `url` until it answers; fail early if `proc` dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -37,17 +39,32 @@ def wait_until_up(url: str, proc: subprocess.Popen[bytes] | None = None, timeout
 
 
 @contextmanager
-def serve(args: list[str], env: Mapping[str, str], cwd: Path, port: int,
-          log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def serve(
+    args: list[str], env: Mapping[str, str], cwd: Path, port: int, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run `byok-proxy serve --port PORT ARGS` in `cwd`, output to `log`; stop it after."""
-    full_env = {k: v for k, v in os.environ.items()
-                if k not in ("ENCRYPTION_KEY", "ADMIN_TOKEN", "DATABASE_URL", "BYOK_CONFIG",
-                             "OPENAI_BASE_URL", "PLATFORM_OPENAI_KEY", "USAGE_LOG")}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "ENCRYPTION_KEY",
+            "ADMIN_TOKEN",
+            "DATABASE_URL",
+            "BYOK_CONFIG",
+            "OPENAI_BASE_URL",
+            "PLATFORM_OPENAI_KEY",
+            "USAGE_LOG",
+        )
+    }
     full_env.update(env)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), *args],
-            cwd=cwd, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/healthz", proc)

@@ -37,16 +37,19 @@ def openai() -> Iterator[respx.MockRouter]:
 
 
 async def make_tenant(client: httpx.AsyncClient, tid: str, tier: str = "pro") -> str:
-    r = await client.post("/api/v1/tenants", json={"name": tid.title(), "tier": tier, "id": tid},
-                          headers=ADMIN)
+    r = await client.post(
+        "/api/v1/tenants", json={"name": tid.title(), "tier": tier, "id": tid}, headers=ADMIN
+    )
     assert r.status_code == 201, r.text
     return str(r.json()["api_key"])
 
 
-async def register(client: httpx.AsyncClient, tid: str, key: str, headers: dict[str, str] = ADMIN
-                   ) -> httpx.Response:
-    return await client.post(f"/api/v1/tenants/{tid}/openai-key", json={"api_key": key},
-                             headers=headers)
+async def register(
+    client: httpx.AsyncClient, tid: str, key: str, headers: dict[str, str] = ADMIN
+) -> httpx.Response:
+    return await client.post(
+        f"/api/v1/tenants/{tid}/openai-key", json={"api_key": key}, headers=headers
+    )
 
 
 async def audit_actions(client: httpx.AsyncClient, tid: str) -> list[dict[str, Any]]:
@@ -70,8 +73,12 @@ async def test_create_get_list_tenant(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200
     tenant = r.json()
     assert tenant["name"] == "Acme" and tenant["tier"] == "trial"
-    assert tenant["openai_key"] == {"status": "none", "hint": None, "validated_at": None,
-                                    "updated_at": None}
+    assert tenant["openai_key"] == {
+        "status": "none",
+        "hint": None,
+        "validated_at": None,
+        "updated_at": None,
+    }
     assert "api_key" not in tenant and "openai_api_key_encrypted" not in tenant
 
     r = await client.get("/api/v1/tenants", headers=ADMIN)
@@ -86,24 +93,40 @@ async def test_create_tenant_bad_input(client: httpx.AsyncClient) -> None:
     assert_error(await client.post(url, content=b"{not json", headers=ADMIN), 400, "invalid_json")
     assert_error(await client.post(url, json=["a"], headers=ADMIN), 400, "invalid_json")
     assert_error(await client.post(url, content=b"", headers=ADMIN), 400, "invalid_json")
-    err = assert_error(await client.post(url, json={"name": 5, "tier": "pro"}, headers=ADMIN),
-                       422, "invalid_request")
+    err = assert_error(
+        await client.post(url, json={"name": 5, "tier": "pro"}, headers=ADMIN),
+        422,
+        "invalid_request",
+    )
     assert err["param"] == "name"
-    assert_error(await client.post(url, json={"name": "x", "tier": "gold"}, headers=ADMIN),
-                 422, "invalid_request")
-    err = assert_error(await client.post(url, json={"name": "x", "tier": "pro", "extra": 1},
-                                         headers=ADMIN), 422, "invalid_request")
+    assert_error(
+        await client.post(url, json={"name": "x", "tier": "gold"}, headers=ADMIN),
+        422,
+        "invalid_request",
+    )
+    err = assert_error(
+        await client.post(url, json={"name": "x", "tier": "pro", "extra": 1}, headers=ADMIN),
+        422,
+        "invalid_request",
+    )
     assert err["param"] == "extra"
     for bad_id in ("Upper", "-lead", "a" * 64, "sp ace", "../x"):
-        assert_error(await client.post(url, json={"name": "x", "tier": "pro", "id": bad_id},
-                                       headers=ADMIN), 422, "invalid_request")
-    assert_error(await client.post(url, json={"tier": "pro"}, headers=ADMIN), 422,
-                 "invalid_request")
+        assert_error(
+            await client.post(url, json={"name": "x", "tier": "pro", "id": bad_id}, headers=ADMIN),
+            422,
+            "invalid_request",
+        )
+    assert_error(
+        await client.post(url, json={"tier": "pro"}, headers=ADMIN), 422, "invalid_request"
+    )
     big = {"name": "x" * 100_000, "tier": "pro"}
     assert_error(await client.post(url, json=big, headers=ADMIN), 413, "request_too_large")
     await make_tenant(client, "dup")
-    assert_error(await client.post(url, json={"name": "x", "tier": "pro", "id": "dup"},
-                                   headers=ADMIN), 409, "tenant_exists")
+    assert_error(
+        await client.post(url, json={"name": "x", "tier": "pro", "id": "dup"}, headers=ADMIN),
+        409,
+        "tenant_exists",
+    )
 
 
 async def test_body_over_limit_without_content_length(client: httpx.AsyncClient) -> None:
@@ -118,21 +141,26 @@ async def test_body_over_limit_without_content_length(client: httpx.AsyncClient)
 async def test_auth_failures(client: httpx.AsyncClient) -> None:
     url = "/api/v1/tenants"
     assert_error(await client.get(url), 401, "unauthorized")
-    assert_error(await client.get(url, headers=bearer("wrong-token-" + "x" * 30)), 401,
-                 "unauthorized")
-    assert_error(await client.get(url, headers={"Authorization": "Basic abc"}), 401,
-                 "unauthorized")
+    assert_error(
+        await client.get(url, headers=bearer("wrong-token-" + "x" * 30)), 401, "unauthorized"
+    )
+    assert_error(await client.get(url, headers={"Authorization": "Basic abc"}), 401, "unauthorized")
     assert_error(await client.get(url, headers=bearer("byok-unknownkey")), 401, "unauthorized")
     key = await make_tenant(client, "acme")
     tenant = bearer(key)
     assert_error(await client.get(url, headers=tenant), 403, "forbidden")
-    assert_error(await client.post(url, json={"name": "x", "tier": "pro"}, headers=tenant),
-                 403, "forbidden")
-    assert_error(await client.patch("/api/v1/tenants/acme", json={"tier": "trial"},
-                                    headers=tenant), 403, "forbidden")
+    assert_error(
+        await client.post(url, json={"name": "x", "tier": "pro"}, headers=tenant), 403, "forbidden"
+    )
+    assert_error(
+        await client.patch("/api/v1/tenants/acme", json={"tier": "trial"}, headers=tenant),
+        403,
+        "forbidden",
+    )
     assert_error(await client.delete("/api/v1/tenants/acme", headers=tenant), 403, "forbidden")
-    assert_error(await client.post("/api/v1/tenants/acme/api-keys", headers=tenant), 403,
-                 "forbidden")
+    assert_error(
+        await client.post("/api/v1/tenants/acme/api-keys", headers=tenant), 403, "forbidden"
+    )
     assert_error(await client.get("/api/v1/openapi.json", headers=tenant), 403, "forbidden")
 
 
@@ -140,27 +168,34 @@ async def test_unknown_routes_and_methods(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/api/v1/nope", headers=ADMIN), 404, "not_found")
     assert_error(await client.get("/nope"), 404, "not_found")
     assert_error(await client.put("/api/v1/tenants", headers=ADMIN), 405, "method_not_allowed")
-    assert_error(await client.post("/api/v1/tenants/acme/audit", headers=ADMIN), 405,
-                 "method_not_allowed")
+    assert_error(
+        await client.post("/api/v1/tenants/acme/audit", headers=ADMIN), 405, "method_not_allowed"
+    )
 
 
 async def test_update_and_delete_tenant(client: httpx.AsyncClient) -> None:
     key = await make_tenant(client, "acme", "trial")
-    r = await client.patch("/api/v1/tenants/acme", json={"tier": "pro", "name": "Acme Inc"},
-                           headers=ADMIN)
+    r = await client.patch(
+        "/api/v1/tenants/acme", json={"tier": "pro", "name": "Acme Inc"}, headers=ADMIN
+    )
     assert r.status_code == 200 and r.json()["tier"] == "pro" and r.json()["name"] == "Acme Inc"
-    assert_error(await client.patch("/api/v1/tenants/acme", json={"tier": 3}, headers=ADMIN),
-                 422, "invalid_request")
-    assert_error(await client.patch("/api/v1/tenants/nope", json={"tier": "pro"}, headers=ADMIN),
-                 404, "not_found")
+    assert_error(
+        await client.patch("/api/v1/tenants/acme", json={"tier": 3}, headers=ADMIN),
+        422,
+        "invalid_request",
+    )
+    assert_error(
+        await client.patch("/api/v1/tenants/nope", json={"tier": "pro"}, headers=ADMIN),
+        404,
+        "not_found",
+    )
     assert_error(await client.delete("/api/v1/tenants/nope", headers=ADMIN), 404, "not_found")
     assert_error(await client.get("/api/v1/tenants/nope", headers=ADMIN), 404, "not_found")
 
     r = await client.delete("/api/v1/tenants/acme", headers=ADMIN)
     assert r.status_code == 204 and r.content == b""
     assert_error(await client.get("/api/v1/tenants/acme", headers=ADMIN), 404, "not_found")
-    assert_error(await client.get("/api/v1/tenants/acme", headers=bearer(key)), 401,
-                 "unauthorized")
+    assert_error(await client.get("/api/v1/tenants/acme", headers=bearer(key)), 401, "unauthorized")
     actions = [e["action"] for e in await audit_actions(client, "acme")]
     assert actions == ["tenant.deleted", "tenant.updated", "api_key.issued", "tenant.created"]
 
@@ -220,26 +255,56 @@ async def test_register_key_format(
 
 async def test_register_key_wrong_type(client: httpx.AsyncClient) -> None:
     await make_tenant(client, "acme")
-    r = await client.post("/api/v1/tenants/acme/openai-key", json={"api_key": 12345678},
-                          headers=ADMIN)
+    r = await client.post(
+        "/api/v1/tenants/acme/openai-key", json={"api_key": 12345678}, headers=ADMIN
+    )
     err = assert_error(r, 422, "invalid_request")
     assert "12345678" not in err["message"]
-    r = await client.post("/api/v1/tenants/acme/openai-key", json={"key": GOOD_KEY},
-                          headers=ADMIN)
+    r = await client.post("/api/v1/tenants/acme/openai-key", json={"key": GOOD_KEY}, headers=ADMIN)
     err = assert_error(r, 422, "invalid_request")
     assert GOOD_KEY not in r.text
 
 
 VALIDATION_OUTCOMES = [
-    (httpx.Response(401, json={"error": {"message": f"Incorrect API key provided: {OTHER_KEY[:8]}",
-                                         "code": "invalid_api_key"}}), 402, "openai_key_invalid"),
-    (httpx.Response(429, json={"error": {"message": "quota", "type": "insufficient_quota",
-                                         "code": "insufficient_quota"}}), 402,
-     "openai_quota_exceeded"),
-    (httpx.Response(429, json={"error": {"message": "slow down", "code": "rate_limit_exceeded"}}),
-     503, "openai_unreachable"),
-    (httpx.Response(403, json={"error": {"message": "unsupported region"}}), 422,
-     "openai_key_forbidden"),
+    (
+        httpx.Response(
+            401,
+            json={
+                "error": {
+                    "message": f"Incorrect API key provided: {OTHER_KEY[:8]}",
+                    "code": "invalid_api_key",
+                }
+            },
+        ),
+        402,
+        "openai_key_invalid",
+    ),
+    (
+        httpx.Response(
+            429,
+            json={
+                "error": {
+                    "message": "quota",
+                    "type": "insufficient_quota",
+                    "code": "insufficient_quota",
+                }
+            },
+        ),
+        402,
+        "openai_quota_exceeded",
+    ),
+    (
+        httpx.Response(
+            429, json={"error": {"message": "slow down", "code": "rate_limit_exceeded"}}
+        ),
+        503,
+        "openai_unreachable",
+    ),
+    (
+        httpx.Response(403, json={"error": {"message": "unsupported region"}}),
+        422,
+        "openai_key_forbidden",
+    ),
     (httpx.Response(500, text="oops"), 503, "openai_unreachable"),
     (httpx.ConnectTimeout("timed out"), 503, "openai_unreachable"),
     (httpx.ReadTimeout("timed out"), 503, "openai_unreachable"),
@@ -281,21 +346,29 @@ async def test_register_for_unknown_tenant_makes_no_upstream_call(
     assert route.call_count == 0
 
 
-async def test_delete_key_is_idempotent(client: httpx.AsyncClient, openai: respx.MockRouter
-                                        ) -> None:
+async def test_delete_key_is_idempotent(
+    client: httpx.AsyncClient, openai: respx.MockRouter
+) -> None:
     openai.get("/models").respond(200, json={"data": []})
     await make_tenant(client, "acme")
-    assert (await client.delete("/api/v1/tenants/acme/openai-key", headers=ADMIN)).status_code == 204
+    assert (
+        await client.delete("/api/v1/tenants/acme/openai-key", headers=ADMIN)
+    ).status_code == 204
     await register(client, "acme", GOOD_KEY)
-    assert (await client.delete("/api/v1/tenants/acme/openai-key", headers=ADMIN)).status_code == 204
-    assert (await client.delete("/api/v1/tenants/acme/openai-key", headers=ADMIN)).status_code == 204
+    assert (
+        await client.delete("/api/v1/tenants/acme/openai-key", headers=ADMIN)
+    ).status_code == 204
+    assert (
+        await client.delete("/api/v1/tenants/acme/openai-key", headers=ADMIN)
+    ).status_code == 204
     tenant = (await client.get("/api/v1/tenants/acme", headers=ADMIN)).json()
     assert tenant["openai_key"]["status"] == "none" and tenant["openai_key"]["hint"] is None
     actions = [(e["action"], e["key_hint"]) for e in await audit_actions(client, "acme")]
     assert actions.count(("openai_key.removed", key_hint(GOOD_KEY))) == 1
     assert actions[0] == ("openai_key.removed", key_hint(GOOD_KEY))
-    assert_error(await client.delete("/api/v1/tenants/nope/openai-key", headers=ADMIN), 404,
-                 "not_found")
+    assert_error(
+        await client.delete("/api/v1/tenants/nope/openai-key", headers=ADMIN), 404, "not_found"
+    )
 
 
 # --- tenant self-service and isolation ------------------------------------------------
@@ -339,22 +412,36 @@ async def test_issue_and_revoke_proxy_keys(client: httpx.AsyncClient) -> None:
     assert r.status_code == 201
     issued = r.json()
     assert set(issued) == {"id", "api_key", "created_at"} and issued["api_key"] != first
-    assert (await client.get("/api/v1/tenants/acme", headers=bearer(issued["api_key"]))
-            ).status_code == 200
+    assert (
+        await client.get("/api/v1/tenants/acme", headers=bearer(issued["api_key"]))
+    ).status_code == 200
 
-    assert_error(await client.post("/api/v1/tenants/nope/api-keys", headers=ADMIN), 404,
-                 "not_found")
-    assert_error(await client.delete(f"/api/v1/tenants/other/api-keys/{issued['id']}",
-                                     headers=ADMIN), 404, "not_found")
-    assert_error(await client.delete("/api/v1/tenants/acme/api-keys/key_nope", headers=ADMIN),
-                 404, "not_found")
-    assert_error(await client.delete(f"/api/v1/tenants/acme/api-keys/{issued['id']}",
-                                     headers=bearer(first)), 403, "forbidden")
+    assert_error(
+        await client.post("/api/v1/tenants/nope/api-keys", headers=ADMIN), 404, "not_found"
+    )
+    assert_error(
+        await client.delete(f"/api/v1/tenants/other/api-keys/{issued['id']}", headers=ADMIN),
+        404,
+        "not_found",
+    )
+    assert_error(
+        await client.delete("/api/v1/tenants/acme/api-keys/key_nope", headers=ADMIN),
+        404,
+        "not_found",
+    )
+    assert_error(
+        await client.delete(f"/api/v1/tenants/acme/api-keys/{issued['id']}", headers=bearer(first)),
+        403,
+        "forbidden",
+    )
 
     r = await client.delete(f"/api/v1/tenants/acme/api-keys/{issued['id']}", headers=ADMIN)
     assert r.status_code == 204
-    assert_error(await client.get("/api/v1/tenants/acme", headers=bearer(issued["api_key"])),
-                 401, "unauthorized")
+    assert_error(
+        await client.get("/api/v1/tenants/acme", headers=bearer(issued["api_key"])),
+        401,
+        "unauthorized",
+    )
     assert (await client.get("/api/v1/tenants/acme", headers=bearer(first))).status_code == 200
     r = await client.delete(f"/api/v1/tenants/acme/api-keys/{issued['id']}", headers=ADMIN)
     assert r.status_code == 204
@@ -370,8 +457,15 @@ async def test_audit_newest_first_and_limit(client: httpx.AsyncClient) -> None:
     events = await audit_actions(client, "acme")
     assert [e["action"] for e in events] == ["api_key.issued"] * 4 + ["tenant.created"]
     assert [e["ts"] for e in events] == sorted((e["ts"] for e in events), reverse=True)
-    assert set(events[0]) >= {"ts", "tenant_id", "action", "actor", "key_hint", "request_id",
-                              "source_ip"}
+    assert set(events[0]) >= {
+        "ts",
+        "tenant_id",
+        "action",
+        "actor",
+        "key_hint",
+        "request_id",
+        "source_ip",
+    }
     r = await client.get("/api/v1/tenants/acme/audit?limit=2", headers=ADMIN)
     assert len(r.json()["data"]) == 2
     assert_error(await client.get("/api/v1/tenants/ghost/audit", headers=ADMIN), 404, "not_found")
@@ -387,6 +481,7 @@ async def test_openapi(client: httpx.AsyncClient, app: ByokApp) -> None:
     routed = {
         (route.path.replace("{tenant_id}", "{tenant_id}"), method)
         for route in app.admin.routes
-        for method in (route.methods or ()) if method != "HEAD"  # type: ignore[attr-defined]
+        for method in (route.methods or ())
+        if method != "HEAD"  # type: ignore[attr-defined]
     }
     assert documented == routed

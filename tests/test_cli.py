@@ -16,8 +16,14 @@ from proxy.security import Keyring, generate_master_key
 
 def run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if k not in ("ENCRYPTION_KEY", "ADMIN_TOKEN")}
-    return subprocess.run([sys.executable, "-m", "proxy.cli", *args], cwd=cwd, env={**base, **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.cli", *args],
+        cwd=cwd,
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_gen_key(tmp_path: Path) -> None:
@@ -47,9 +53,11 @@ def test_serve_dev_quickstart(tmp_path: Path) -> None:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
         token = (tmp_path / ".byok" / "admin_token").read_text().strip()
-        r = httpx.post(f"http://127.0.0.1:{port}/api/v1/tenants",
-                       json={"name": "Acme", "tier": "trial"},
-                       headers={"Authorization": f"Bearer {token}"})
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/api/v1/tenants",
+            json={"name": "Acme", "tier": "trial"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
         assert r.status_code == 201
     output = (tmp_path / "serve.log").read_text()
     assert "NOT FOR PRODUCTION" in output and token in output
@@ -60,17 +68,26 @@ def test_tenants_create_and_rotate_keys(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'cli.db'}"
     old, new = generate_master_key(), generate_master_key()
     env = {"DATABASE_URL": db, "ADMIN_TOKEN": ADMIN_TOKEN, "BYOK_CONFIG": str(REPO / "config.yaml")}
-    created = run(["tenants", "create", "--name", "Acme", "--tier", "pro", "--id", "acme"],
-                  tmp_path, ENCRYPTION_KEY=old, **env)
+    created = run(
+        ["tenants", "create", "--name", "Acme", "--tier", "pro", "--id", "acme"],
+        tmp_path,
+        ENCRYPTION_KEY=old,
+        **env,
+    )
     assert created.returncode == 0, created.stderr
     assert "byok-" in created.stdout and "acme" in created.stdout
-    dup = run(["tenants", "create", "--name", "Acme", "--tier", "pro", "--id", "acme"],
-              tmp_path, ENCRYPTION_KEY=old, **env)
+    dup = run(
+        ["tenants", "create", "--name", "Acme", "--tier", "pro", "--id", "acme"],
+        tmp_path,
+        ENCRYPTION_KEY=old,
+        **env,
+    )
     assert dup.returncode == 1 and "already exists" in dup.stderr
 
     # Store a key under the old master key, as the admin API would.
-    from proxy.store import Store
     from proxy.models import Tenant
+    from proxy.store import Store
+
     store = Store.connect(db)
     with store.session() as s:
         tenant = s.get(Tenant, "acme")
@@ -94,7 +111,11 @@ def test_tenants_create_and_rotate_keys(tmp_path: Path) -> None:
 
 
 def test_tenants_create_validates_id(tmp_path: Path) -> None:
-    result = run(["tenants", "create", "--name", "Acme", "--tier", "pro", "--id", "Bad Id"],
-                 tmp_path, ENCRYPTION_KEY=generate_master_key(), ADMIN_TOKEN=ADMIN_TOKEN,
-                 DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}")
+    result = run(
+        ["tenants", "create", "--name", "Acme", "--tier", "pro", "--id", "Bad Id"],
+        tmp_path,
+        ENCRYPTION_KEY=generate_master_key(),
+        ADMIN_TOKEN=ADMIN_TOKEN,
+        DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}",
+    )
     assert result.returncode == 2 and "id" in result.stderr

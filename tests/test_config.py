@@ -31,14 +31,22 @@ def test_defaults_from_shipped_config_yaml() -> None:
 
 def test_environment_overrides_yaml(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("database_url: sqlite:///from-yaml.db\nusage_log: yaml.log\n"
-                    "upstream:\n  base_url: https://yaml.example/v1\n")
+    path.write_text(
+        "database_url: sqlite:///from-yaml.db\nusage_log: yaml.log\n"
+        "upstream:\n  base_url: https://yaml.example/v1\n"
+    )
     config = load_config(path, env())
     assert config.database_url == "sqlite:///from-yaml.db"
     assert config.upstream.base_url == "https://yaml.example/v1"
-    config = load_config(path, env(DATABASE_URL="sqlite:///env.db", USAGE_LOG="env.log",
-                                   OPENAI_BASE_URL="https://env.example/v1/",
-                                   PLATFORM_OPENAI_KEY="sk-platform-abcdefghijklmnop"))
+    config = load_config(
+        path,
+        env(
+            DATABASE_URL="sqlite:///env.db",
+            USAGE_LOG="env.log",
+            OPENAI_BASE_URL="https://env.example/v1/",
+            PLATFORM_OPENAI_KEY="sk-platform-abcdefghijklmnop",
+        ),
+    )
     assert config.database_url == "sqlite:///env.db" and config.usage_log == "env.log"
     assert config.upstream.base_url == "https://env.example/v1"
     assert isinstance(config.platform_openai_key, Secret)
@@ -99,9 +107,16 @@ def test_insecure_upstream_when_allowed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["unknown_thing: 1\n", "upstream:\n  bogus: 1\n", "tiers:\n  gold: {}\n",
-     "cache_ttl_seconds: soon\n", "limits:\n  max_body_bytes: true\n", "log:\n  level: LOUD\n",
-     "[unclosed\n", "- a list\n"],
+    [
+        "unknown_thing: 1\n",
+        "upstream:\n  bogus: 1\n",
+        "tiers:\n  gold: {}\n",
+        "cache_ttl_seconds: soon\n",
+        "limits:\n  max_body_bytes: true\n",
+        "log:\n  level: LOUD\n",
+        "[unclosed\n",
+        "- a list\n",
+    ],
 )
 def test_bad_yaml_is_a_config_error(tmp_path: Path, text: str) -> None:
     path = tmp_path / "c.yaml"

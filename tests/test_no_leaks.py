@@ -51,35 +51,74 @@ async def test_scenario_leaves_no_plaintext_key(
                     responses.append(r)
                     return r
 
-                created = await call("POST", "/api/v1/tenants",
-                                     json={"name": "Acme", "tier": "pro", "id": "acme"},
-                                     headers=ADMIN)
+                created = await call(
+                    "POST",
+                    "/api/v1/tenants",
+                    json={"name": "Acme", "tier": "pro", "id": "acme"},
+                    headers=ADMIN,
+                )
                 tenant = bearer(created.json()["api_key"])
                 models.respond(200, json={"data": []})
-                assert (await call("POST", "/api/v1/tenants/acme/openai-key",
-                                   json={"api_key": GOOD_KEY + "\n"}, headers=ADMIN)
-                        ).status_code == 200
+                assert (
+                    await call(
+                        "POST",
+                        "/api/v1/tenants/acme/openai-key",
+                        json={"api_key": GOOD_KEY + "\n"},
+                        headers=ADMIN,
+                    )
+                ).status_code == 200
                 # Upstream rejections echo key fragments; none may come back.
-                models.respond(401, json={"error": {"message": f"Incorrect API key provided: "
-                                                    f"{OTHER_KEY}", "code": "invalid_api_key"}})
-                assert (await call("POST", "/api/v1/tenants/acme/openai-key",
-                                   json={"api_key": OTHER_KEY}, headers=tenant)).status_code == 402
+                models.respond(
+                    401,
+                    json={
+                        "error": {
+                            "message": f"Incorrect API key provided: {OTHER_KEY}",
+                            "code": "invalid_api_key",
+                        }
+                    },
+                )
+                assert (
+                    await call(
+                        "POST",
+                        "/api/v1/tenants/acme/openai-key",
+                        json={"api_key": OTHER_KEY},
+                        headers=tenant,
+                    )
+                ).status_code == 402
                 models.side_effect = httpx.ConnectError(f"boom {OTHER_KEY}")
-                assert (await call("POST", "/api/v1/tenants/acme/openai-key",
-                                   json={"api_key": OTHER_KEY}, headers=ADMIN)).status_code == 503
+                assert (
+                    await call(
+                        "POST",
+                        "/api/v1/tenants/acme/openai-key",
+                        json={"api_key": OTHER_KEY},
+                        headers=ADMIN,
+                    )
+                ).status_code == 503
                 models.side_effect = None
-                await call("POST", "/api/v1/tenants/acme/openai-key",
-                           json={"api_key": "sk-admin-" + OTHER_KEY[3:]}, headers=ADMIN)
-                await call("POST", "/api/v1/tenants/acme/openai-key",
-                           json={"api_key": 12345, "x": OTHER_KEY}, headers=ADMIN)
+                await call(
+                    "POST",
+                    "/api/v1/tenants/acme/openai-key",
+                    json={"api_key": "sk-admin-" + OTHER_KEY[3:]},
+                    headers=ADMIN,
+                )
+                await call(
+                    "POST",
+                    "/api/v1/tenants/acme/openai-key",
+                    json={"api_key": 12345, "x": OTHER_KEY},
+                    headers=ADMIN,
+                )
                 await call("GET", "/api/v1/tenants/acme", headers=tenant)
                 await call("GET", "/api/v1/tenants", headers=ADMIN)
                 audit = await call("GET", "/api/v1/tenants/acme/audit", headers=ADMIN)
                 assert len(audit.json()["data"]) >= 3
                 await call("DELETE", "/api/v1/tenants/acme/openai-key", headers=tenant)
                 models.respond(200, json={"data": []})
-                await call("POST", "/api/v1/tenants/acme/openai-key",
-                           json={"api_key": OTHER_KEY}, headers=ADMIN)
+                await call(
+                    "POST",
+                    "/api/v1/tenants/acme/openai-key",
+                    json={"api_key": OTHER_KEY},
+                    headers=ADMIN,
+                )
 
             assert app.runtime is not None
             with app.runtime.store.engine.connect() as conn:

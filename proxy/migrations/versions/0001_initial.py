@@ -33,7 +33,9 @@ def upgrade() -> None:
         "proxy_keys",
         sa.Column("id", sa.String(40), primary_key=True),
         sa.Column(
-            "tenant_id", sa.String(63), sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+            "tenant_id",
+            sa.String(63),
+            sa.ForeignKey("tenants.id", ondelete="CASCADE"),
             nullable=False,
         ),
         sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
