@@ -8,28 +8,29 @@ are built in the lifespan and live on `ByokApp.runtime`, never at import.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import httpx
 from starlette.concurrency import run_in_threadpool
 
 from admin.app import create_admin_app
+from proxy.asgi import Message, Receive, Scope, Send, send_error, send_json
 from proxy.config import Config, load_config
-from proxy.errors import NotFound, ProxyError, ServiceUnavailable
+from proxy.errors import NotFound, ServiceUnavailable, Unauthorized
+from proxy.forward import Forwarder
+from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.runtime import Runtime
 from proxy.security import Vault
 from proxy.store import Store, migrate
+from proxy.upstream import make_client
+from proxy.usage import UsageLog
 
 log = logging.getLogger("byok")
-
-Scope = dict[str, Any]
-Receive = Any
-Send = Any
 
 REQUEST_ID_HEADER = b"x-byok-request-id"
 
@@ -39,31 +40,6 @@ def new_request_id() -> str:
     return "req_" + os.urandom(12).hex()
 
 
-async def send_json(
-    send: Send, status: int, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
-) -> None:
-    """Send a complete JSON response."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def send_error(
-    send: Send, exc: ProxyError, headers: Sequence[tuple[bytes, bytes]] = ()
-) -> None:
-    """Send one of our errors in OpenAI's shape."""
-    await send_json(send, exc.status_code, exc.render(), headers)
-
-
 class ByokApp:
     """The ASGI application; `runtime` exists between lifespan startup and shutdown."""
 
@@ -71,6 +47,7 @@ class ByokApp:
         self.config = config
         self.admin = create_admin_app()
         self.runtime: Runtime | None = None
+        self.forwarder: Forwarder | None = None
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[Runtime]:
@@ -81,20 +58,28 @@ class ByokApp:
         validation_client = httpx.AsyncClient(
             timeout=httpx.Timeout(config.upstream.validation_timeout), follow_redirects=False
         )
+        upstream_client = make_client(config.upstream)
+        usage_log = UsageLog(config.usage_log)
+        await usage_log.start()
         runtime = Runtime(
             config=config,
             store=store,
             vault=Vault(config.keyring, store.load_ciphertext),
             validation_client=validation_client,
+            usage_log=usage_log,
+            metrics=Metrics(),
         )
+        self.forwarder = Forwarder(runtime, upstream_client)
         self.runtime = runtime
         self.admin.state.runtime = runtime
         try:
             yield runtime
         finally:
-            await validation_client.aclose()
-            store.dispose()
             self.runtime = None
+            await upstream_client.close()
+            await validation_client.aclose()
+            await usage_log.close()
+            store.dispose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -121,7 +106,7 @@ class ByokApp:
         scope.setdefault("state", {})["request_id"] = request_id
         rid_header = (REQUEST_ID_HEADER, request_id.encode())
 
-        async def send_with_id(message: dict[str, Any]) -> None:
+        async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", ()), rid_header]
             await send(message)
@@ -129,14 +114,39 @@ class ByokApp:
         path: str = scope["path"]
         if self.runtime is None:
             await send_error(send_with_id, ServiceUnavailable("Not started.", code="not_ready"))
+        elif path.startswith("/v1/") and self.forwarder is not None:
+            await self.forwarder(scope, receive, send_with_id, request_id)
         elif path.startswith("/api/"):
             await self.admin(scope, receive, send_with_id)
         elif path == "/healthz":
             await send_json(send_with_id, 200, b'{"status":"ok"}')
         elif path == "/readyz":
             await self._readyz(send_with_id)
+        elif path == "/metrics":
+            await self._metrics(scope, send_with_id)
         else:
             await send_error(send_with_id, NotFound(f"No such route: {path[:100]}"))
+
+    async def _metrics(self, scope: Scope, send: Send) -> None:
+        assert self.runtime is not None
+        if self.config.metrics_require_auth:
+            expected = b"Bearer " + self.config.admin_token.reveal().encode()
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, expected):
+                await send_error(send, Unauthorized("GET /metrics needs the admin token."))
+                return
+        body = self.runtime.metrics.render()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", CONTENT_TYPE.encode()),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     async def _readyz(self, send: Send) -> None:
         assert self.runtime is not None

@@ -39,7 +39,8 @@ def rotate_all(store: Store, keyring: Keyring) -> RotationReport:
                 col(Tenant.openai_api_key_encrypted).is_not(None)
             )
         ).all()
-    for tenant_id, ciphertext in rows:
+    for tenant_id, stored in rows:
+        ciphertext: str = stored or ""
         if Keyring.kid_of(ciphertext) == keyring.primary_kid:
             report.current += 1
             continue

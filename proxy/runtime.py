@@ -6,14 +6,15 @@ global, so two apps (tests, a separate admin listener) never share state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import httpx
 
 from proxy.config import Config
+from proxy.metrics import Metrics
 from proxy.security import Vault
 from proxy.store import Store
+from proxy.usage import UsageLog
 
 
 @dataclass
@@ -24,7 +25,8 @@ class Runtime:
     store: Store
     vault: Vault
     validation_client: httpx.AsyncClient
-    extras: dict[str, Any] = field(default_factory=dict)
+    usage_log: UsageLog
+    metrics: Metrics
 
     def __repr__(self) -> str:
         return f"Runtime(store={self.store!r})"

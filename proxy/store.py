@@ -19,19 +19,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, create_engine, select
+from sqlmodel import Session, col, create_engine, select
 
 from proxy.models import ProxyKey, Tenant
 from proxy.security import hash_proxy_key
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 _PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
+_MISS = object()
 
 
 @dataclass(frozen=True)
@@ -128,27 +130,25 @@ class Store:
 
     # --- cached lookups (hot path) -------------------------------------------------
 
-    def principal(self, proxy_key: str) -> Principal | None:
-        """The tenant a proxy key belongs to, or None if unknown or revoked."""
-        digest = hash_proxy_key(proxy_key)
-        now = time.monotonic()
-        hit = self._keys.get(digest)
-        if hit is not None and hit[0] > now:
+    def _fresh(self, cache: dict[str, tuple[float, Any]], key: str) -> Any:
+        hit = cache.get(key)
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
+        return _MISS
+
+    def _load_principal(self, digest: str) -> Principal | None:
         with self.session() as s:
             row = s.exec(
-                select(ProxyKey).where(ProxyKey.key_hash == digest, ProxyKey.revoked_at.is_(None))  # type: ignore[union-attr]
+                select(ProxyKey).where(
+                    ProxyKey.key_hash == digest,
+                    col(ProxyKey.revoked_at).is_(None),
+                )
             ).first()
         found = Principal(row.tenant_id, row.id) if row else None
-        self._keys[digest] = (now + self.cache_ttl, found)
+        self._keys[digest] = (time.monotonic() + self.cache_ttl, found)
         return found
 
-    def tenant(self, tenant_id: str) -> TenantSnapshot | None:
-        """A snapshot of the tenant, or None if it does not exist."""
-        now = time.monotonic()
-        hit = self._tenants.get(tenant_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+    def _load_tenant(self, tenant_id: str) -> TenantSnapshot | None:
         with self.session() as s:
             row = s.get(Tenant, tenant_id)
         snap = (
@@ -156,8 +156,34 @@ class Store:
             if row
             else None
         )
-        self._tenants[tenant_id] = (now + self.cache_ttl, snap)
+        self._tenants[tenant_id] = (time.monotonic() + self.cache_ttl, snap)
         return snap
+
+    def principal(self, proxy_key: str) -> Principal | None:
+        """The tenant a proxy key belongs to, or None if unknown or revoked (blocking)."""
+        digest = hash_proxy_key(proxy_key)
+        found = self._fresh(self._keys, digest)
+        return self._load_principal(digest) if found is _MISS else found
+
+    async def principal_async(self, proxy_key: str) -> Principal | None:
+        """`principal()` for the event loop: a cache hit costs no thread hop."""
+        digest = hash_proxy_key(proxy_key)
+        found = self._fresh(self._keys, digest)
+        if found is _MISS:
+            return await anyio.to_thread.run_sync(self._load_principal, digest)
+        return found  # type: ignore[no-any-return]
+
+    def tenant(self, tenant_id: str) -> TenantSnapshot | None:
+        """A snapshot of the tenant, or None if it does not exist (blocking)."""
+        found = self._fresh(self._tenants, tenant_id)
+        return self._load_tenant(tenant_id) if found is _MISS else found
+
+    async def tenant_async(self, tenant_id: str) -> TenantSnapshot | None:
+        """`tenant()` for the event loop: a cache hit costs no thread hop."""
+        found = self._fresh(self._tenants, tenant_id)
+        if found is _MISS:
+            return await anyio.to_thread.run_sync(self._load_tenant, tenant_id)
+        return found  # type: ignore[no-any-return]
 
     def load_ciphertext(self, tenant_id: str) -> str | None:
         """The stored ciphertext of a tenant's OpenAI key (uncached)."""

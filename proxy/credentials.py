@@ -1,0 +1,131 @@
+"""Which OpenAI key a request uses: the tenant's own (decrypted now), or the platform's.
+
+- tenant key `active`: decrypt it for this request (`byok`);
+- tenant key `invalid` (upstream said 401 earlier): 402 at once, no upstream call;
+- no key: tiers with platform fallback use `PLATFORM_OPENAI_KEY` within a daily
+  allowance counted in the database (shared by every worker and replica);
+  other tiers get 402 `openai_key_missing`.
+
+Also here: marking a stored key invalid after the upstream rejected it, and
+counting the platform key's tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+from sqlalchemy import update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+from sqlmodel import col
+
+from admin import audit
+from proxy.config import Config, TierPolicy
+from proxy.errors import OpenAIKeyInvalid, OpenAIKeyMissing, TrialQuotaExceeded
+from proxy.models import Tenant, TrialAllowance, utcnow
+from proxy.security import Secret
+from proxy.store import Store, TenantSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """The key for one upstream call and where it came from (`byok` or `platform`)."""
+
+    secret: Secret
+    source: str
+
+
+def register_hint(tenant_id: str) -> str:
+    return f"POST /api/v1/tenants/{tenant_id}/openai-key"
+
+
+def invalid_key_error(tenant_id: str) -> OpenAIKeyInvalid:
+    return OpenAIKeyInvalid(
+        "OpenAI rejected this tenant's API key (invalid, revoked, expired or account "
+        "deactivated). Create a new key in the OpenAI dashboard and register it at "
+        f"{register_hint(tenant_id)}; requests fail until then."
+    )
+
+
+def today() -> date:
+    return datetime.now(UTC).date()
+
+
+def claim_platform_request(engine: Engine, tenant_id: str, policy: TierPolicy) -> bool:
+    """Count one platform-key request for today; False if the allowance is used up."""
+    if policy.daily_requests <= 0 or policy.daily_tokens <= 0:
+        return False
+    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    table = TrialAllowance.__table__  # type: ignore[attr-defined]
+    stmt = (
+        insert(table)
+        .values(tenant_id=tenant_id, day=today(), requests=1, tokens=0)
+        .on_conflict_do_update(
+            index_elements=["tenant_id", "day"],
+            set_={"requests": table.c.requests + 1},
+            where=(table.c.requests < policy.daily_requests)
+            & (table.c.tokens < policy.daily_tokens),
+        )
+        .returning(table.c.requests)
+    )
+    with engine.begin() as conn:
+        return conn.execute(stmt).first() is not None
+
+
+def add_platform_tokens(engine: Engine, tenant_id: str, tokens: int) -> None:
+    """Add a platform-key request's tokens to today's allowance."""
+    table = TrialAllowance.__table__  # type: ignore[attr-defined]
+    with engine.begin() as conn:
+        conn.execute(
+            update(table)
+            .where(table.c.tenant_id == tenant_id, table.c.day == today())
+            .values(tokens=table.c.tokens + tokens)
+        )
+
+
+def choose(config: Config, store: Store, tenant: TenantSnapshot) -> Credential | TierPolicy:
+    """The tenant's own key, or the tier policy to check before using the platform key.
+
+    Raises the 402s that need no database write.
+    """
+    if tenant.key_status == "active" and tenant.ciphertext:
+        return Credential(config.keyring.decrypt(tenant.ciphertext, tenant.id), "byok")
+    if tenant.key_status == "invalid":
+        raise invalid_key_error(tenant.id)
+    policy = config.tiers.get(tenant.tier)
+    if policy is None or not policy.platform_fallback or config.platform_openai_key is None:
+        raise OpenAIKeyMissing(
+            f"Tenant {tenant.id} has no OpenAI API key, and its tier ({tenant.tier}) must bring "
+            f"its own. Register one at {register_hint(tenant.id)}."
+        )
+    return policy
+
+
+def trial_exhausted(tenant: TenantSnapshot, policy: TierPolicy) -> TrialQuotaExceeded:
+    return TrialQuotaExceeded(
+        f"Tenant {tenant.id} has used today's trial allowance on the platform key "
+        f"({policy.daily_requests} requests / {policy.daily_tokens} tokens per UTC day). "
+        f"Register your own OpenAI key at {register_hint(tenant.id)} or wait until tomorrow (UTC)."
+    )
+
+
+def mark_invalid(store: Store, tenant_id: str, ciphertext: str, request_id: str) -> bool:
+    """Mark the stored key invalid (if it is still the one that failed) and audit it."""
+    with store.session() as s:
+        changed = s.execute(
+            update(Tenant)
+            .where(
+                col(Tenant.id) == tenant_id,
+                col(Tenant.openai_api_key_encrypted) == ciphertext,
+                col(Tenant.openai_key_status) == "active",
+            )
+            .values(openai_key_status="invalid", updated_at=utcnow())
+        ).rowcount  # type: ignore[attr-defined]
+        if changed:
+            hint = s.get(Tenant, tenant_id).openai_key_hint  # type: ignore[union-attr]
+            actor = audit.Actor("system", None, request_id, None)
+            audit.record(s, actor, tenant_id, "openai_key.invalidated", hint)
+            s.commit()
+    store.invalidate_tenant(tenant_id)
+    return bool(changed)

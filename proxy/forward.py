@@ -1,0 +1,374 @@
+"""The /v1 hot path: proxy key → tenant → OpenAI key → upstream → response → usage line.
+
+Plain ASGI, no framework. Per request it does: one header pass, two cached
+lookups, one decryption, one upstream call on a pooled connection, and a scan
+of the response for usage (see `proxy.streaming`). Bodies stream both ways;
+only JSON request bodies are read whole (they are small, and `model`/`stream`
+come from them).
+
+A task watches the client connection; when the client goes away, the request
+is cancelled and the upstream response closed in a `finally` at once (the
+tenant pays for every token generated after that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+from starlette.concurrency import run_in_threadpool
+
+from proxy import credentials
+from proxy.asgi import Receive, Scope, Send, send_error
+from proxy.credentials import Credential
+from proxy.errors import (
+    InvalidProxyKey,
+    KeyDecryptionFailed,
+    OpenAIQuotaExceeded,
+    PlatformKeyRejected,
+    ProxyError,
+    RequestTooLarge,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.runtime import Runtime
+from proxy.security import PROXY_KEY_PREFIX
+from proxy.streaming import JSONTail, SSEScanner, ask_for_usage
+from proxy.upstream import request_headers, response_headers, target_url
+from proxy.usage import UsageRecord
+
+log = logging.getLogger("byok.proxy")
+
+_USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+_MAX_ERROR_BODY = 64 * 1024
+
+
+class _ClientGone(Exception):
+    """The client disconnected; stop everything for this request."""
+
+
+class _DisconnectWatch:
+    """Cancels the request's task when the client disconnects, until stopped."""
+
+    def __init__(self, receive: Receive, task: asyncio.Task[Any], record: UsageRecord) -> None:
+        self._receive = receive
+        self._target = task
+        self._record = record
+        self._stopped = False
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self._stopped:
+            self._record.client_disconnected = True
+            self._target.cancel()
+
+    def stop(self) -> None:
+        """Stop watching (before the last message is sent: uvicorn then reports a disconnect)."""
+        self._stopped = True
+        self._task.cancel()
+
+
+def _quota_exceeded(body: bytes) -> bool:
+    try:
+        error = json.loads(body).get("error") or {}
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and "insufficient_quota" in (
+        error.get("code"),
+        error.get("type"),
+    )
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """A small (error) body, whole, or its first 64 KiB."""
+    chunks, size = [], 0
+    async for block in response.content.iter_any():
+        chunks.append(block)
+        size += len(block)
+        if size >= _MAX_ERROR_BODY:
+            break
+    return b"".join(chunks)
+
+
+class Forwarder:
+    """The /v1 handler; one per worker, holding the runtime and the upstream client."""
+
+    def __init__(self, runtime: Runtime, client: aiohttp.ClientSession) -> None:
+        self.runtime = runtime
+        self.config = runtime.config
+        self.store = runtime.store
+        self.client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+        record = UsageRecord(
+            request_id, scope["method"], scope["path"], time.perf_counter(), time.time()
+        )
+        try:
+            await self._forward(scope, receive, send, record)
+        except ProxyError as exc:
+            if isinstance(exc, KeyDecryptionFailed):
+                log.error(
+                    "KEY DECRYPTION FAILED for tenant %s (request %s): wrong ENCRYPTION_KEY or "
+                    "tampered ciphertext; the tenant cannot make requests",
+                    record.tenant_id,
+                    request_id,
+                )
+            record.status, record.error_code = exc.status_code, exc.code
+            if not record.client_disconnected:
+                await send_error(send, exc)
+        except _ClientGone:
+            record.client_disconnected = True
+            record.status = record.status or 499
+        finally:
+            record.duration_ms = round((time.perf_counter() - record.started) * 1000, 3)
+            self.runtime.usage_log.write(record)
+            self.runtime.metrics.observe(record)
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, record: UsageRecord
+    ) -> None:
+        token = length = content_type = None
+        has_body = False
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, rest = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    token = rest.strip().decode("latin-1")
+            elif name == b"content-length":
+                length, has_body = value, True
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"transfer-encoding":
+                has_body = True
+
+        if not token or not token.startswith(PROXY_KEY_PREFIX):
+            raise InvalidProxyKey()
+        principal = await self.store.principal_async(token)
+        tenant = await self.store.tenant_async(principal.tenant_id) if principal else None
+        if tenant is None:
+            raise InvalidProxyKey()
+        record.tenant_id = tenant.id
+
+        url = target_url(
+            self.config.upstream.base_url,
+            scope.get("raw_path") or scope["path"].encode(),
+            scope.get("query_string", b""),
+        )
+        limit = self.config.max_body_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise RequestTooLarge(f"Request body over the {limit}-byte limit.")
+
+        choice = credentials.choose(self.config, self.store, tenant)
+        if not isinstance(choice, Credential):
+            if not await run_in_threadpool(
+                credentials.claim_platform_request, self.store.engine, tenant.id, choice
+            ):
+                raise credentials.trial_exhausted(tenant, choice)
+            assert self.config.platform_openai_key is not None
+            choice = Credential(self.config.platform_openai_key, "platform")
+        record.key_source = choice.source
+
+        body: bytes | AsyncIterator[bytes] = b""
+        strip_usage = False
+        streamed_body = False
+        if has_body:
+            first = await receive()
+            if first["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = first.get("body", b"")
+            if not first.get("more_body"):
+                body = chunk
+            elif content_type is not None and content_type.startswith(b"application/json"):
+                body = await self._read_all(receive, chunk, limit)
+            else:
+                body, streamed_body = self._stream_body(receive, chunk, limit), True
+            if (
+                isinstance(body, bytes)
+                and content_type is not None
+                and content_type.startswith(b"application/json")
+            ):
+                body, strip_usage = self._inspect_json(body, scope["method"], scope["path"], record)
+
+        headers = request_headers(
+            scope["headers"], "Bearer " + choice.secret.reveal(), keep_org=choice.source == "byok"
+        )
+        if streamed_body and length is not None:
+            headers.append(("Content-Length", length.decode()))
+        if strip_usage:
+            # We must read the stream to cut the usage chunk: ask for it uncompressed.
+            headers = [h for h in headers if h[0].lower() != "accept-encoding"]
+            headers.append(("Accept-Encoding", "identity"))
+
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = None if streamed_body else _DisconnectWatch(receive, task, record)
+        response = None
+        try:
+            try:
+                response = await self.client.request(
+                    scope["method"], url, headers=headers, data=body, allow_redirects=False
+                )
+            except (TimeoutError, aiohttp.ServerTimeoutError):
+                raise UpstreamTimeout() from None
+            except aiohttp.ClientError as exc:
+                log.warning("upstream unreachable: %s", type(exc).__name__)
+                raise UpstreamUnreachable() from None
+            record.ttfb_ms = round((time.perf_counter() - record.started) * 1000, 3)
+            record.upstream_status = response.status
+            if watcher is None:
+                watcher = _DisconnectWatch(receive, task, record)
+            await self._respond(
+                response, send, record, choice, tenant.ciphertext, strip_usage, watcher
+            )
+        except asyncio.CancelledError:
+            if record.client_disconnected:
+                task.uncancel()
+                raise _ClientGone() from None
+            raise
+        finally:
+            if watcher is not None:
+                watcher.stop()
+            if response is not None:
+                response.close()
+        if choice.source == "platform" and record.usage and record.usage.total_tokens:
+            await run_in_threadpool(
+                credentials.add_platform_tokens,
+                self.store.engine,
+                tenant.id,
+                record.usage.total_tokens,
+            )
+
+    async def _respond(
+        self,
+        response: aiohttp.ClientResponse,
+        send: Send,
+        record: UsageRecord,
+        choice: Credential,
+        ciphertext: str | None,
+        strip_usage: bool,
+        watcher: _DisconnectWatch,
+    ) -> None:
+        status = response.status
+        if status == 401:
+            if choice.source == "platform":
+                log.error("the upstream rejected PLATFORM_OPENAI_KEY (401); replace it")
+                raise PlatformKeyRejected()
+            if ciphertext is not None and record.tenant_id is not None:
+                await run_in_threadpool(
+                    credentials.mark_invalid,
+                    self.store,
+                    record.tenant_id,
+                    ciphertext,
+                    record.request_id,
+                )
+            raise credentials.invalid_key_error(record.tenant_id or "")
+        if status == 429:
+            error_body = await _read_capped(response)
+            if _quota_exceeded(error_body):
+                raise OpenAIQuotaExceeded(
+                    "The OpenAI account behind this key is out of credit (insufficient_quota). "
+                    "Add credit or raise the limit in OpenAI billing, or register another key at "
+                    f"{credentials.register_hint(record.tenant_id or '')}."
+                )
+            record.status = status
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": response_headers(response.raw_headers, body_changed=False),
+                }
+            )
+            watcher.stop()
+            await send({"type": "http.response.body", "body": error_body})
+            return
+
+        sse = response.content_type == "text/event-stream"
+        scanner = SSEScanner(strip_usage) if sse else None
+        tail = None if sse else JSONTail(response.headers.get("Content-Encoding"))
+        record.status = status
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": response_headers(response.raw_headers, body_changed=strip_usage and sse),
+            }
+        )
+        if sse:
+            self.runtime.metrics.open_streams.inc()
+        try:
+            async for block in response.content.iter_any():
+                if scanner is not None:
+                    block = scanner.feed(block)
+                    if not block:
+                        continue
+                else:
+                    assert tail is not None
+                    tail.feed(block)
+                await send({"type": "http.response.body", "body": block, "more_body": True})
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            timeout = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
+            record.error_code = "upstream_timeout" if timeout else "upstream_unreachable"
+            log.warning("upstream failed mid-response: %s", type(exc).__name__)
+            raise
+        finally:
+            if sse:
+                self.runtime.metrics.open_streams.dec()
+        rest = scanner.finish() if scanner is not None else b""
+        record.usage = scanner.usage if scanner is not None else tail.usage() if tail else None
+        watcher.stop()
+        await send({"type": "http.response.body", "body": rest, "more_body": False})
+
+    def _inspect_json(
+        self, body: bytes, method: str, path: str, record: UsageRecord
+    ) -> tuple[bytes, bool]:
+        """Note `model` and `stream`; make streamed chat completions ask for usage."""
+        try:
+            request = json.loads(body)
+        except ValueError:
+            return body, False  # the upstream will answer 400 in its own words
+        if not isinstance(request, dict):
+            return body, False
+        model = request.get("model")
+        record.model = model if isinstance(model, str) else None
+        record.stream = request.get("stream") is True
+        if record.stream and method == "POST" and path in _USAGE_PATHS:
+            return ask_for_usage(body, request)
+        return body, False
+
+    @staticmethod
+    async def _read_all(receive: Receive, first: bytes, limit: int) -> bytes:
+        chunks, size = [first], len(first)
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"Request body over the {limit}-byte limit.")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _stream_body(receive: Receive, first: bytes, limit: int) -> AsyncIterator[bytes]:
+        size = len(first)
+        yield first
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise RequestTooLarge(f"Request body over the {limit}-byte limit.")
+            if chunk:
+                yield chunk
+            if not message.get("more_body"):
+                return

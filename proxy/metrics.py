@@ -1,0 +1,93 @@
+"""Prometheus metrics (prometheus-client): requests, latency, upstream latency, tokens, streams.
+
+Each app gets its own registry. With several workers, `byok-proxy serve`
+sets `PROMETHEUS_MULTIPROC_DIR` so every worker's counts are summed at scrape
+time (prometheus-client's multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from proxy.usage import UsageRecord
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+def path_family(path: str) -> str:
+    """`/v1/chat/completions` → `chat`; `/v1/files/abc` → `files` (bounded label values)."""
+    parts = path.split("/", 3)
+    return parts[2] if len(parts) > 2 and parts[2] else "other"
+
+
+class Metrics:
+    """The proxy's metrics on a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        r = self.registry
+        self.requests = Counter(
+            "byok_requests",
+            "Requests to /v1 by tenant, status and path family",
+            ["tenant", "status", "path"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "byok_request_duration_seconds",
+            "Time from request to end of response",
+            ["path"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "byok_upstream_ttfb_seconds",
+            "Time to the upstream's response headers",
+            ["path"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "byok_tokens",
+            "Tokens by tenant and kind (prompt/completion)",
+            ["tenant", "kind"],
+            registry=r,
+        )
+        self.open_streams = Gauge(
+            "byok_open_streams", "Event streams in flight", registry=r, multiprocess_mode="livesum"
+        )
+
+    def observe(self, record: UsageRecord) -> None:
+        """Count one finished request."""
+        family = path_family(record.path)
+        tenant = record.tenant_id or "unknown"
+        self.requests.labels(tenant, str(record.status), family).inc()
+        if record.duration_ms is not None:
+            self.latency.labels(family).observe(record.duration_ms / 1000)
+        if record.ttfb_ms is not None:
+            self.upstream_latency.labels(family).observe(record.ttfb_ms / 1000)
+        usage = record.usage
+        if usage is not None:
+            if usage.prompt_tokens:
+                self.tokens.labels(tenant, "prompt").inc(usage.prompt_tokens)
+            if usage.completion_tokens:
+                self.tokens.labels(tenant, "completion").inc(usage.completion_tokens)
+
+    def render(self) -> bytes:
+        """The text exposition (all workers' counts in multiprocess mode)."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

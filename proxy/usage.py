@@ -1,0 +1,142 @@
+"""The usage line: one JSON object per /v1 request, written when the request ends.
+
+Fields (stable; documented in the README for dashboard authors): `ts`,
+`request_id`, `tenant_id`, `method`, `path`, `model`, `stream`, `status`,
+`upstream_status`, `duration_ms`, `ttfb_ms`, `prompt_tokens`,
+`completion_tokens`, `total_tokens`, `key_source`, `error_code`,
+`client_disconnected`.
+
+Lines are queued in memory and written by a background task in batches, in a
+worker thread, with one `write()` per batch on an `O_APPEND` descriptor, so
+the event loop never waits on the disk and several workers can share a file.
+`close()` writes what is left, so shutdown loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from proxy.streaming import Usage
+
+log = logging.getLogger("byok.usage")
+
+_FLUSH_SECONDS = 0.2
+_FLUSH_LINES = 512
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """What is known about one proxied request; filled in as it goes."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float  # time.perf_counter() at arrival
+    ts: float  # time.time() at arrival
+    tenant_id: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int | None = None
+    upstream_status: int | None = None
+    duration_ms: float | None = None
+    ttfb_ms: float | None = None
+    usage: Usage | None = None
+    key_source: str | None = None
+    error_code: str | None = None
+    client_disconnected: bool = False
+
+    def line(self) -> bytes:
+        """The JSON line (with newline)."""
+        usage = self.usage or Usage()
+        return (
+            json.dumps(
+                {
+                    "ts": datetime.fromtimestamp(self.ts, UTC)
+                    .isoformat(timespec="milliseconds")
+                    .replace("+00:00", "Z"),
+                    "request_id": self.request_id,
+                    "tenant_id": self.tenant_id,
+                    "method": self.method,
+                    "path": self.path,
+                    "model": self.model,
+                    "stream": self.stream,
+                    "status": self.status,
+                    "upstream_status": self.upstream_status,
+                    "duration_ms": self.duration_ms,
+                    "ttfb_ms": self.ttfb_ms,
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": usage.total_tokens,
+                    "key_source": self.key_source,
+                    "error_code": self.error_code,
+                    "client_disconnected": self.client_disconnected,
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+        )
+
+
+class UsageLog:
+    """Batched, non-blocking writer of usage lines to a file or stdout (`-`)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._lines: list[bytes] = []
+        self._fd: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        if self.target == "-":
+            self._fd = sys.stdout.fileno()
+        else:
+            self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._task = asyncio.create_task(self._run(), name="usage-log")
+
+    def write(self, record: UsageRecord) -> None:
+        """Queue a record's line (never blocks)."""
+        self._lines.append(record.line())
+        if len(self._lines) >= _FLUSH_LINES:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), _FLUSH_SECONDS)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            if self._lines:
+                batch, self._lines = b"".join(self._lines), []
+                await asyncio.to_thread(self._write, batch)
+
+    def _write(self, data: bytes) -> None:
+        assert self._fd is not None
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            log.error("usage log write failed: %s", exc)
+
+    async def close(self) -> None:
+        """Write every queued line, then close the file."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        if self._lines:
+            batch, self._lines = b"".join(self._lines), []
+            self._write(batch)
+        if self._fd is not None and self.target != "-":
+            os.close(self._fd)
+        self._fd = None
