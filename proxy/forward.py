@@ -174,7 +174,7 @@ class Forwarder:
             choice = Credential(self.config.platform_openai_key, "platform")
         record.key_source = choice.source
 
-        body: bytes | AsyncIterator[bytes] = b""
+        body: bytes | AsyncIterator[bytes] | None = None
         strip_usage = False
         streamed_body = False
         if has_body:

@@ -1,0 +1,307 @@
+"""A fake OpenAI API: a real HTTP server on a loopback port, for end-to-end tests.
+
+It records every request it sees (method, raw path, query, headers, body) and
+answers like OpenAI for the endpoints the tests use. Behaviour is chosen by
+the caller's key or model:
+
+- a key in `revoked` → 401 whose message echoes the key (as OpenAI's does);
+  in `no_quota` → 429 ``insufficient_quota``; in `forbidden` → 403;
+- model ``rate-limited`` → 429 ``rate_limit_exceeded`` with retry-after and rate headers;
+- model ``hold`` (streamed) → first chunk, then waits for `release` before the rest;
+- model ``endless`` (streamed) → a chunk every 20 ms until the client goes away,
+  recording when it noticed (`stream_closed`);
+- model ``slow`` → waits 3 s before answering.
+Every response carries two `Set-Cookie` headers, `x-request-id`,
+`openai-processing-ms` and `x-ratelimit-*` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from servers import free_port
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+STREAM_CHUNKS = 5
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.all(name)
+        return values[0] if values else None
+
+    def all(self, name: str) -> list[str]:
+        return [v for k, v in self.headers if k == name.lower()]
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class FakeOpenAI:
+    """The fake server's state, shared with the test thread."""
+
+    requests: list[Seen] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    first_chunk_sent: threading.Event = field(default_factory=threading.Event)
+    stream_closed: threading.Event = field(default_factory=threading.Event)
+    stream_closed_at: float | None = None
+    raw_streams: list[bytes] = field(default_factory=list)
+    revoked: set[str] = field(default_factory=set)
+    no_quota: set[str] = field(default_factory=set)
+    forbidden: set[str] = field(default_factory=set)
+    counter: int = 0
+    port: int = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def keys_seen(self) -> list[str | None]:
+        return [r.header("authorization") for r in self.requests]
+
+    # --- ASGI --------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        seen = Seen(
+            scope["method"],
+            scope["raw_path"].decode(),
+            scope["query_string"].decode(),
+            [(k.decode().lower(), v.decode("latin-1")) for k, v in scope["headers"]],
+            bytes(body),
+        )
+        self.requests.append(seen)
+        self.counter += 1
+        headers = [
+            (b"x-request-id", f"up-req-{self.counter}".encode()),
+            (b"openai-processing-ms", b"12"),
+            (b"x-ratelimit-limit-requests", b"5000"),
+            (b"x-ratelimit-remaining-requests", b"4999"),
+            (b"set-cookie", b"__cf_bm=one; Path=/"),
+            (b"set-cookie", b"_cfuvid=two; Path=/"),
+        ]
+        key = (seen.header("authorization") or "").removeprefix("Bearer ")
+        if key in self.revoked:
+            return await self._json(send, 401, headers, {"error": {
+                "message": f"Incorrect API key provided: {key}. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+        if key in self.no_quota:
+            return await self._json(send, 429, headers, {"error": {
+                "message": "You exceeded your current quota, please check your plan and billing "
+                "details.", "type": "insufficient_quota", "param": None,
+                "code": "insufficient_quota"}})
+        if key in self.forbidden:
+            return await self._json(send, 403, headers, {"error": {
+                "message": "Country, region, or territory not supported",
+                "type": "request_forbidden", "param": None, "code": "unsupported_country"}})
+
+        path = seen.path.removeprefix("/v1")
+        request: Any = {}
+        if seen.header("content-type") == "application/json" and seen.body:
+            request = json.loads(seen.body)
+        model = request.get("model") if isinstance(request, dict) else None
+        if model == "rate-limited":
+            return await self._json(send, 429, [*headers, (b"retry-after", b"7"),
+                                                (b"x-ratelimit-reset-requests", b"7s")], {
+                "error": {"message": "Rate limit reached for requests", "type": "requests",
+                          "param": None, "code": "rate_limit_exceeded"}})
+        if model == "slow":
+            await asyncio.sleep(3)
+
+        if path.startswith("/models"):
+            return await self._json(send, 200, headers, {"object": "list", "data": [
+                {"id": "gpt-4o-mini", "object": "model", "created": 1, "owned_by": "openai"}]})
+        if path == "/chat/completions":
+            if request.get("stream"):
+                return await self._chat_stream(send, headers, request, receive)
+            return await self._json(send, 200, headers, {
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
+                             "finish_reason": "stop", "logprobs": None}],
+                "usage": USAGE})
+        if path == "/embeddings":
+            vector = [0.25, 0.5, 0.75]
+            encoded: Any = vector
+            if request.get("encoding_format") == "base64":
+                encoded = base64.b64encode(struct.pack("<3f", *vector)).decode()
+            return await self._json(send, 200, headers, {
+                "object": "list", "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": encoded}],
+                "usage": {"prompt_tokens": 5, "total_tokens": 5}})
+        if path == "/responses":
+            if request.get("stream"):
+                return await self._responses_stream(send, headers, model)
+            return await self._json(send, 200, headers, self._response_object(model))
+        if path == "/files":
+            return await self._json(send, 200, headers, {
+                "id": "file-" + hashlib.sha256(seen.body).hexdigest()[:12], "object": "file",
+                "bytes": len(seen.body), "created_at": 1, "filename": "upload",
+                "purpose": "batch", "status": "processed"})
+        if path == "/audio/transcriptions":
+            return await self._json(send, 200, headers, {"text": "hello from audio"})
+        return await self._json(send, 404, headers, {"error": {
+            "message": f"Unknown path {path}", "type": "invalid_request_error", "param": None,
+            "code": "unknown_url"}})
+
+    @staticmethod
+    async def _json(send: Any, status: int, headers: list[tuple[bytes, bytes]], obj: Any) -> None:
+        body = json.dumps(obj).encode()
+        await send({"type": "http.response.start", "status": status, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            *headers]})
+        await send({"type": "http.response.body", "body": body})
+
+    @staticmethod
+    def _response_object(model: str | None) -> dict[str, Any]:
+        return {
+            "id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
+            "model": model, "output": [{
+                "type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hi there", "annotations": []}]}],
+            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+            "usage": {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13,
+                      "input_tokens_details": {"cached_tokens": 0},
+                      "output_tokens_details": {"reasoning_tokens": 0}},
+        }
+
+    async def _chat_stream(self, send: Any, headers: list[tuple[bytes, bytes]],
+                           request: dict[str, Any], receive: Any) -> None:
+        model = request.get("model")
+        with_usage = (request.get("stream_options") or {}).get("include_usage") is True
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), *headers]})
+        sent: list[bytes] = []
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            obj: dict[str, Any] = {
+                "id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            if with_usage:
+                obj["usage"] = None
+            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+        async def emit(data: bytes) -> None:
+            sent.append(data)
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        if model == "endless":
+            gone = asyncio.Event()
+
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+            watcher = asyncio.create_task(watch())
+            try:
+                while not gone.is_set():
+                    await emit(chunk({"content": "x"}))
+                    try:
+                        await asyncio.wait_for(gone.wait(), 0.02)
+                    except TimeoutError:
+                        pass
+            finally:
+                watcher.cancel()
+                self.stream_closed_at = time.monotonic()
+                self.stream_closed.set()
+            return
+
+        await emit(chunk({"role": "assistant", "content": ""}))
+        if model == "hold":
+            self.first_chunk_sent.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.005)
+        for i in range(STREAM_CHUNKS):
+            await emit(chunk({"content": f"tok{i} "}))
+        await emit(chunk({}, "stop"))
+        if with_usage:
+            usage_chunk = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1,
+                           "model": model, "choices": [], "usage": USAGE}
+            await emit(b"data: " + json.dumps(usage_chunk, separators=(",", ":")).encode()
+                       + b"\n\n")
+        await emit(b"data: [DONE]\n\n")
+        self.raw_streams.append(b"".join(sent))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _responses_stream(self, send: Any, headers: list[tuple[bytes, bytes]],
+                                model: str | None) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream"), *headers]})
+        final = self._response_object(model)
+        events = [
+            ("response.created", {"type": "response.created", "sequence_number": 0,
+                                  "response": {**final, "status": "in_progress", "usage": None,
+                                               "output": []}}),
+            ("response.output_text.delta", {"type": "response.output_text.delta",
+                                            "sequence_number": 1, "item_id": "msg_1",
+                                            "output_index": 0, "content_index": 0,
+                                            "delta": "Hi there", "logprobs": []}),
+            ("response.completed", {"type": "response.completed", "sequence_number": 2,
+                                    "response": final}),
+        ]
+        for name, data in events:
+            block = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            await send({"type": "http.response.body", "body": block, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class ServerThread:
+    """Runs an ASGI app with uvicorn on a free loopback port, in a thread."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                lifespan="auto", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_fake() -> tuple[FakeOpenAI, ServerThread]:
+    """A fake OpenAI on a free port (enter the returned ServerThread to run it)."""
+    fake = FakeOpenAI()
+    server = ServerThread(fake)
+    fake.port = server.port
+    return fake, server
