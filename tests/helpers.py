@@ -14,14 +14,15 @@ GOOD_KEY = "sk-test-GOODKEYabcdefghijklmnopqrstuvwxyz0123456789"
 OTHER_KEY = "sk-test-OTHERKEYzyxwvutsrqponmlkjihgfedcba9876543210"
 
 
-def make_config(database_url: str, master_key: str, **env: str) -> Config:
+def make_config(database_url: str, master_key: str, path: Path | None = None, **env: str
+                ) -> Config:
     base = {
         "ENCRYPTION_KEY": master_key,
         "ADMIN_TOKEN": ADMIN_TOKEN,
         "DATABASE_URL": database_url,
         "OPENAI_BASE_URL": UPSTREAM,
     }
-    return load_config(REPO / "config.yaml", {**base, **env})
+    return load_config(path or REPO / "config.yaml", {**base, **env})
 
 
 def admin_headers() -> dict[str, str]:

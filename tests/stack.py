@@ -33,9 +33,9 @@ class Stack:
         config_path = tmp / "config.yaml"
         config_path.write_text(yaml)
         self.config: Config = make_config(
-            database_url, master_key, OPENAI_BASE_URL=upstream or self.fake.base_url,
-            USAGE_LOG=str(self.usage_path), PLATFORM_OPENAI_KEY=PLATFORM_KEY,
-            BYOK_CONFIG=str(config_path), **env,
+            database_url, master_key, config_path,
+            OPENAI_BASE_URL=upstream or self.fake.base_url,
+            USAGE_LOG=str(self.usage_path), PLATFORM_OPENAI_KEY=PLATFORM_KEY, **env,
         )
         self.apps: list[Any] = []
         self.urls: list[str] = []
