@@ -43,8 +43,12 @@ def new_request_id() -> str:
 class ByokApp:
     """The ASGI application; `runtime` exists between lifespan startup and shutdown."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self, config: Config, *, serve_proxy: bool = True, serve_admin: bool = True
+    ) -> None:
         self.config = config
+        self.serve_proxy = serve_proxy
+        self.serve_admin = serve_admin
         self.admin = create_admin_app()
         self.runtime: Runtime | None = None
         self.forwarder: Forwarder | None = None
@@ -114,9 +118,9 @@ class ByokApp:
         path: str = scope["path"]
         if self.runtime is None:
             await send_error(send_with_id, ServiceUnavailable("Not started.", code="not_ready"))
-        elif path.startswith("/v1/") and self.forwarder is not None:
+        elif path.startswith("/v1/") and self.forwarder is not None and self.serve_proxy:
             await self.forwarder(scope, receive, send_with_id, request_id)
-        elif path.startswith("/api/"):
+        elif path.startswith("/api/") and self.serve_admin:
             await self.admin(scope, receive, send_with_id)
         elif path == "/healthz":
             await send_json(send_with_id, 200, b'{"status":"ok"}')
@@ -159,11 +163,21 @@ class ByokApp:
         await send_json(send, 200, json.dumps({"status": "ready"}).encode())
 
 
-def create_app(config: Config) -> ByokApp:
-    """The ASGI app for `config` (nothing is connected until the lifespan starts)."""
-    return ByokApp(config)
+def create_app(config: Config, *, serve_proxy: bool = True, serve_admin: bool = True) -> ByokApp:
+    """The ASGI app for `config` (nothing is connected until the lifespan starts).
+
+    By default one app serves both the /v1 proxy and the admin API; when the
+    config binds the admin API to its own host/port, `serve` runs two apps.
+    """
+    return ByokApp(config, serve_proxy=serve_proxy, serve_admin=serve_admin)
 
 
 def create_app_from_env() -> ByokApp:
     """Factory for `uvicorn --factory` and worker processes: config from the environment."""
-    return create_app(load_config(dev=os.environ.get("BYOK_DEV") == "1"))
+    config = load_config(dev=os.environ.get("BYOK_DEV") == "1")
+    return create_app(config, serve_admin=config.admin_port is None)
+
+
+def create_admin_app_from_env() -> ByokApp:
+    """Factory of the admin-only listener (when `admin.port` is set)."""
+    return create_app(load_config(dev=os.environ.get("BYOK_DEV") == "1"), serve_proxy=False)

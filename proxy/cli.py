@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import secrets
 import sys
@@ -53,6 +54,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["BYOK_CONFIG"] = args.config
     if args.dev:
         os.environ["BYOK_DEV"] = "1"
+    if config.admin_port is not None:
+        admin = multiprocessing.Process(
+            target=_serve_admin,
+            args=(config.admin_host or args.host, config.admin_port, config.log_level),
+            name="byok-admin",
+            daemon=True,
+        )
+        admin.start()
     uvicorn.run(
         "proxy.app:create_app_from_env",
         factory=True,
@@ -65,6 +74,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
         date_header=False,
     )
     return 0
+
+
+def _serve_admin(host: str, port: int, log_level: str) -> None:
+    """The admin API on its own listener (a child process of `serve`).
+
+    uvicorn ends `serve` by re-raising SIGTERM, which skips atexit hooks, so the
+    child asks the kernel to send it SIGTERM when its parent dies.
+    """
+    import ctypes
+    import signal
+
+    import uvicorn
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    _setup_logging(log_level)
+    uvicorn.run(
+        "proxy.app:create_admin_app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        server_header=False,
+    )
 
 
 def cmd_gen_key(args: argparse.Namespace) -> int:

@@ -110,19 +110,49 @@ class FakeOpenAI:
         ]
         key = (seen.header("authorization") or "").removeprefix("Bearer ")
         if key in self.revoked:
-            return await self._json(send, 401, headers, {"error": {
-                "message": f"Incorrect API key provided: {key}. You can find your API key at "
-                "https://platform.openai.com/account/api-keys.",
-                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+            return await self._json(
+                send,
+                401,
+                headers,
+                {
+                    "error": {
+                        "message": f"Incorrect API key provided: {key}. You can find your API key at "
+                        "https://platform.openai.com/account/api-keys.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
         if key in self.no_quota:
-            return await self._json(send, 429, headers, {"error": {
-                "message": "You exceeded your current quota, please check your plan and billing "
-                "details.", "type": "insufficient_quota", "param": None,
-                "code": "insufficient_quota"}})
+            return await self._json(
+                send,
+                429,
+                headers,
+                {
+                    "error": {
+                        "message": "You exceeded your current quota, please check your plan and billing "
+                        "details.",
+                        "type": "insufficient_quota",
+                        "param": None,
+                        "code": "insufficient_quota",
+                    }
+                },
+            )
         if key in self.forbidden:
-            return await self._json(send, 403, headers, {"error": {
-                "message": "Country, region, or territory not supported",
-                "type": "request_forbidden", "param": None, "code": "unsupported_country"}})
+            return await self._json(
+                send,
+                403,
+                headers,
+                {
+                    "error": {
+                        "message": "Country, region, or territory not supported",
+                        "type": "request_forbidden",
+                        "param": None,
+                        "code": "unsupported_country",
+                    }
+                },
+            )
 
         path = seen.path.removeprefix("/v1")
         request: Any = {}
@@ -130,82 +160,175 @@ class FakeOpenAI:
             request = json.loads(seen.body)
         model = request.get("model") if isinstance(request, dict) else None
         if model == "rate-limited":
-            return await self._json(send, 429, [*headers, (b"retry-after", b"7"),
-                                                (b"x-ratelimit-reset-requests", b"7s")], {
-                "error": {"message": "Rate limit reached for requests", "type": "requests",
-                          "param": None, "code": "rate_limit_exceeded"}})
+            return await self._json(
+                send,
+                429,
+                [*headers, (b"retry-after", b"7"), (b"x-ratelimit-reset-requests", b"7s")],
+                {
+                    "error": {
+                        "message": "Rate limit reached for requests",
+                        "type": "requests",
+                        "param": None,
+                        "code": "rate_limit_exceeded",
+                    }
+                },
+            )
         if model == "slow":
             await asyncio.sleep(3)
 
         if path.startswith("/models"):
-            return await self._json(send, 200, headers, {"object": "list", "data": [
-                {"id": "gpt-4o-mini", "object": "model", "created": 1, "owned_by": "openai"}]})
+            return await self._json(
+                send,
+                200,
+                headers,
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": "gpt-4o-mini", "object": "model", "created": 1, "owned_by": "openai"}
+                    ],
+                },
+            )
         if path == "/chat/completions":
             if request.get("stream"):
                 return await self._chat_stream(send, headers, request, receive)
-            return await self._json(send, 200, headers, {
-                "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello!"},
-                             "finish_reason": "stop", "logprobs": None}],
-                "usage": USAGE})
+            return await self._json(
+                send,
+                200,
+                headers,
+                {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "Hello!"},
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": USAGE,
+                },
+            )
         if path == "/embeddings":
             vector = [0.25, 0.5, 0.75]
             encoded: Any = vector
             if request.get("encoding_format") == "base64":
                 encoded = base64.b64encode(struct.pack("<3f", *vector)).decode()
-            return await self._json(send, 200, headers, {
-                "object": "list", "model": model,
-                "data": [{"object": "embedding", "index": 0, "embedding": encoded}],
-                "usage": {"prompt_tokens": 5, "total_tokens": 5}})
+            return await self._json(
+                send,
+                200,
+                headers,
+                {
+                    "object": "list",
+                    "model": model,
+                    "data": [{"object": "embedding", "index": 0, "embedding": encoded}],
+                    "usage": {"prompt_tokens": 5, "total_tokens": 5},
+                },
+            )
         if path == "/responses":
             if request.get("stream"):
                 return await self._responses_stream(send, headers, model)
             return await self._json(send, 200, headers, self._response_object(model))
         if path == "/files":
-            return await self._json(send, 200, headers, {
-                "id": "file-" + hashlib.sha256(seen.body).hexdigest()[:12], "object": "file",
-                "bytes": len(seen.body), "created_at": 1, "filename": "upload",
-                "purpose": "batch", "status": "processed"})
+            return await self._json(
+                send,
+                200,
+                headers,
+                {
+                    "id": "file-" + hashlib.sha256(seen.body).hexdigest()[:12],
+                    "object": "file",
+                    "bytes": len(seen.body),
+                    "created_at": 1,
+                    "filename": "upload",
+                    "purpose": "batch",
+                    "status": "processed",
+                },
+            )
         if path == "/audio/transcriptions":
             return await self._json(send, 200, headers, {"text": "hello from audio"})
-        return await self._json(send, 404, headers, {"error": {
-            "message": f"Unknown path {path}", "type": "invalid_request_error", "param": None,
-            "code": "unknown_url"}})
+        return await self._json(
+            send,
+            404,
+            headers,
+            {
+                "error": {
+                    "message": f"Unknown path {path}",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "unknown_url",
+                }
+            },
+        )
 
     @staticmethod
     async def _json(send: Any, status: int, headers: list[tuple[bytes, bytes]], obj: Any) -> None:
         body = json.dumps(obj).encode()
-        await send({"type": "http.response.start", "status": status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            *headers]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *headers,
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod
     def _response_object(model: str | None) -> dict[str, Any]:
         return {
-            "id": "resp_1", "object": "response", "created_at": 1, "status": "completed",
-            "model": model, "output": [{
-                "type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
-                "content": [{"type": "output_text", "text": "Hi there", "annotations": []}]}],
-            "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-            "usage": {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13,
-                      "input_tokens_details": {"cached_tokens": 0},
-                      "output_tokens_details": {"reasoning_tokens": 0}},
+            "id": "resp_1",
+            "object": "response",
+            "created_at": 1,
+            "status": "completed",
+            "model": model,
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_1",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Hi there", "annotations": []}],
+                }
+            ],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {
+                "input_tokens": 9,
+                "output_tokens": 4,
+                "total_tokens": 13,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0},
+            },
         }
 
-    async def _chat_stream(self, send: Any, headers: list[tuple[bytes, bytes]],
-                           request: dict[str, Any], receive: Any) -> None:
+    async def _chat_stream(
+        self, send: Any, headers: list[tuple[bytes, bytes]], request: dict[str, Any], receive: Any
+    ) -> None:
         model = request.get("model")
         with_usage = (request.get("stream_options") or {}).get("include_usage") is True
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), *headers]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), *headers],
+            }
+        )
         sent: list[bytes] = []
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
             obj: dict[str, Any] = {
-                "id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1,
+                "id": "chatcmpl-s",
+                "object": "chat.completion.chunk",
+                "created": 1,
                 "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
             if with_usage:
                 obj["usage"] = None
             return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
@@ -245,29 +368,57 @@ class FakeOpenAI:
             await emit(chunk({"content": f"tok{i} "}))
         await emit(chunk({}, "stop"))
         if with_usage:
-            usage_chunk = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1,
-                           "model": model, "choices": [], "usage": USAGE}
-            await emit(b"data: " + json.dumps(usage_chunk, separators=(",", ":")).encode()
-                       + b"\n\n")
+            usage_chunk = {
+                "id": "chatcmpl-s",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [],
+                "usage": USAGE,
+            }
+            await emit(
+                b"data: " + json.dumps(usage_chunk, separators=(",", ":")).encode() + b"\n\n"
+            )
         await emit(b"data: [DONE]\n\n")
         self.raw_streams.append(b"".join(sent))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _responses_stream(self, send: Any, headers: list[tuple[bytes, bytes]],
-                                model: str | None) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream"), *headers]})
+    async def _responses_stream(
+        self, send: Any, headers: list[tuple[bytes, bytes]], model: str | None
+    ) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), *headers],
+            }
+        )
         final = self._response_object(model)
         events = [
-            ("response.created", {"type": "response.created", "sequence_number": 0,
-                                  "response": {**final, "status": "in_progress", "usage": None,
-                                               "output": []}}),
-            ("response.output_text.delta", {"type": "response.output_text.delta",
-                                            "sequence_number": 1, "item_id": "msg_1",
-                                            "output_index": 0, "content_index": 0,
-                                            "delta": "Hi there", "logprobs": []}),
-            ("response.completed", {"type": "response.completed", "sequence_number": 2,
-                                    "response": final}),
+            (
+                "response.created",
+                {
+                    "type": "response.created",
+                    "sequence_number": 0,
+                    "response": {**final, "status": "in_progress", "usage": None, "output": []},
+                },
+            ),
+            (
+                "response.output_text.delta",
+                {
+                    "type": "response.output_text.delta",
+                    "sequence_number": 1,
+                    "item_id": "msg_1",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": "Hi there",
+                    "logprobs": [],
+                },
+            ),
+            (
+                "response.completed",
+                {"type": "response.completed", "sequence_number": 2, "response": final},
+            ),
         ]
         for name, data in events:
             block = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
@@ -280,8 +431,14 @@ class ServerThread:
 
     def __init__(self, app: Any, port: int | None = None) -> None:
         self.port = port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                lifespan="auto", timeout_graceful_shutdown=2)
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="auto",
+            timeout_graceful_shutdown=2,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

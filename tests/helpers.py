@@ -14,8 +14,7 @@ GOOD_KEY = "sk-test-GOODKEYabcdefghijklmnopqrstuvwxyz0123456789"
 OTHER_KEY = "sk-test-OTHERKEYzyxwvutsrqponmlkjihgfedcba9876543210"
 
 
-def make_config(database_url: str, master_key: str, path: Path | None = None, **env: str
-                ) -> Config:
+def make_config(database_url: str, master_key: str, path: Path | None = None, **env: str) -> Config:
     base = {
         "ENCRYPTION_KEY": master_key,
         "ADMIN_TOKEN": ADMIN_TOKEN,

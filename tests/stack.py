@@ -23,8 +23,15 @@ TENANT_KEY = "sk-test-TENANTkeyabcdefghijklmnopqrstuvwxyz987654"
 class Stack:
     """A fake upstream plus one or more proxy replicas sharing one database."""
 
-    def __init__(self, tmp: Path, database_url: str, master_key: str, yaml: str = "",
-                 upstream: str | None = None, **env: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        database_url: str,
+        master_key: str,
+        yaml: str = "",
+        upstream: str | None = None,
+        **env: str,
+    ) -> None:
         self.tmp = tmp
         self.exits = ExitStack()
         self.fake, fake_server = start_fake()
@@ -33,16 +40,21 @@ class Stack:
         config_path = tmp / "config.yaml"
         config_path.write_text(yaml)
         self.config: Config = make_config(
-            database_url, master_key, config_path,
+            database_url,
+            master_key,
+            config_path,
             OPENAI_BASE_URL=upstream or self.fake.base_url,
-            USAGE_LOG=str(self.usage_path), PLATFORM_OPENAI_KEY=PLATFORM_KEY, **env,
+            USAGE_LOG=str(self.usage_path),
+            PLATFORM_OPENAI_KEY=PLATFORM_KEY,
+            **env,
         )
         self.apps: list[Any] = []
         self.urls: list[str] = []
         self.add_replica()
         self.url = self.urls[0]
-        self.admin = httpx.Client(base_url=self.url,
-                                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+        self.admin = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+        )
 
     def add_replica(self) -> str:
         """Start another proxy process-alike (own app, caches and engine) on the same database."""
@@ -72,12 +84,12 @@ class Stack:
         assert r.status_code == 200, r.text
 
     def sdk(self, key: str, replica: int = 0) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.urls[replica] + "/v1", api_key=key, max_retries=0,
-                             timeout=20)
+        return openai.OpenAI(
+            base_url=self.urls[replica] + "/v1", api_key=key, max_retries=0, timeout=20
+        )
 
     def async_sdk(self, key: str) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0,
-                                  timeout=20)
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=20)
 
     # --- usage log ------------------------------------------------------------------
 

@@ -119,3 +119,26 @@ def test_tenants_create_validates_id(tmp_path: Path) -> None:
         DATABASE_URL=f"sqlite:///{tmp_path / 'x.db'}",
     )
     assert result.returncode == 2 and "id" in result.stderr
+
+
+def test_admin_api_on_its_own_port(tmp_path: Path) -> None:
+    proxy_port, admin_port = free_port(), free_port()
+    (tmp_path / "config.yaml").write_text(f"admin:\n  host: 127.0.0.1\n  port: {admin_port}\n")
+    env = {
+        "ENCRYPTION_KEY": generate_master_key(),
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}",
+    }
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with serve([], env, tmp_path, proxy_port, tmp_path / "serve.log"):
+        from servers import wait_until_up
+
+        wait_until_up(f"http://127.0.0.1:{admin_port}/healthz")
+        r = httpx.get(f"http://127.0.0.1:{admin_port}/api/v1/tenants", headers=headers)
+        assert r.status_code == 200
+        r = httpx.get(f"http://127.0.0.1:{proxy_port}/api/v1/tenants", headers=headers)
+        assert r.status_code == 404
+        r = httpx.get(f"http://127.0.0.1:{admin_port}/v1/models", headers=headers)
+        assert r.status_code == 404
+        r = httpx.get(f"http://127.0.0.1:{proxy_port}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_proxy_key"

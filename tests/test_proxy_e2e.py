@@ -39,7 +39,8 @@ def test_chat_completion_sync(stack: Stack) -> None:
     key = stack.tenant("acme")
     client = stack.sdk(key)
     raw = client.chat.completions.with_raw_response.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+    )
     completion = raw.parse()
     assert completion.choices[0].message.content == "Hello!"
     assert completion.usage is not None and completion.usage.total_tokens == 18
@@ -57,8 +58,11 @@ def test_chat_completion_sync(stack: Stack) -> None:
 def test_request_body_passes_byte_for_byte(stack: Stack) -> None:
     key = stack.tenant("acme")
     body = b'{ "model" : "gpt-4o-mini",\n "messages": [{"role":"user","content":"h\\u00e9"}] }'
-    r = httpx.post(stack.url + "/v1/chat/completions?api-version=1", content=body,
-                   headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    r = httpx.post(
+        stack.url + "/v1/chat/completions?api-version=1",
+        content=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 200
     seen = stack.fake.requests[-1]
     assert seen.body == body and seen.query == "api-version=1"
@@ -67,7 +71,8 @@ def test_request_body_passes_byte_for_byte(stack: Stack) -> None:
 def test_chat_stream_sync_without_usage_requested(stack: Stack) -> None:
     key = stack.tenant("acme")
     stream = stack.sdk(key).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True)
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "".join(f"tok{i} " for i in range(STREAM_CHUNKS))
@@ -82,8 +87,12 @@ def test_chat_stream_sync_without_usage_requested(stack: Stack) -> None:
 def test_stream_bytes_identical_apart_from_usage_chunk(stack: Stack) -> None:
     key = stack.tenant("acme")
     body = {"model": "gpt-4o-mini", "messages": [], "stream": True}
-    with httpx.stream("POST", stack.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {key}"}) as r:
+    with httpx.stream(
+        "POST",
+        stack.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+    ) as r:
         seen_by_client = b"".join(r.iter_raw())
     upstream = stack.fake.raw_streams[-1]
     events = upstream.split(b"\n\n")
@@ -96,14 +105,18 @@ def test_stream_bytes_identical_apart_from_usage_chunk(stack: Stack) -> None:
 def test_chat_stream_with_usage_requested(stack: Stack) -> None:
     key = stack.tenant("acme")
     stream = stack.sdk(key).chat.completions.create(
-        model="gpt-4o-mini", messages=[], stream=True, stream_options={"include_usage": True})
+        model="gpt-4o-mini", messages=[], stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.total_tokens == 18
-    body = {"model": "m", "messages": [], "stream": True,
-            "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", stack.url + "/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {key}"}) as r:
+    body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream(
+        "POST",
+        stack.url + "/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {key}"},
+    ) as r:
         assert b"".join(r.iter_raw()) == stack.fake.raw_streams[-1]
 
 
@@ -151,7 +164,9 @@ def test_file_upload_and_audio_transcription(stack: Stack) -> None:
     seen = stack.fake.requests[-1]
     assert seen.path == "/v1/files" and uploaded.bytes == len(seen.body)
     assert data in seen.body
-    assert seen.header("content-type", ).startswith("multipart/form-data; boundary=")
+    assert seen.header(
+        "content-type",
+    ).startswith("multipart/form-data; boundary=")
     assert int(seen.header("content-length") or 0) == len(seen.body)
 
     audio = b"RIFF" + bytes(5000)
@@ -164,18 +179,28 @@ def test_file_upload_and_audio_transcription(stack: Stack) -> None:
 def test_streamed_multipart_upload_is_identical(stack: Stack) -> None:
     key = stack.tenant("acme")
     boundary = b"----byoktestboundary"
-    payload = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
-               b"batch\r\n--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; '
-               b'filename="x.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
-               + bytes(range(256)) * 2000 + b"\r\n--" + boundary + b"--\r\n")
+    payload = (
+        b"--" + boundary + b'\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+        b"batch\r\n--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; '
+        b'filename="x.bin"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        + bytes(range(256)) * 2000
+        + b"\r\n--"
+        + boundary
+        + b"--\r\n"
+    )
 
     def chunks() -> Iterator[bytes]:  # no Content-Length: sent chunked
         for i in range(0, len(payload), 7000):
-            yield payload[i:i + 7000]
+            yield payload[i : i + 7000]
 
-    r = httpx.post(stack.url + "/v1/files", content=chunks(), headers={
-        "Authorization": f"Bearer {key}",
-        "Content-Type": "multipart/form-data; boundary=" + boundary.decode()})
+    r = httpx.post(
+        stack.url + "/v1/files",
+        content=chunks(),
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Content-Type": "multipart/form-data; boundary=" + boundary.decode(),
+        },
+    )
     assert r.status_code == 200
     assert stack.fake.requests[-1].body == payload
 
@@ -195,9 +220,12 @@ def test_stream_is_not_buffered(stack: Stack) -> None:
 
 def test_client_disconnect_closes_upstream(stack: Stack) -> None:
     key = stack.tenant("acme")
-    with httpx.stream("POST", stack.url + "/v1/chat/completions",
-                      json={"model": "endless", "messages": [], "stream": True},
-                      headers={"Authorization": f"Bearer {key}"}) as r:
+    with httpx.stream(
+        "POST",
+        stack.url + "/v1/chat/completions",
+        json={"model": "endless", "messages": [], "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as r:
         received = 0
         for block in r.iter_raw():
             received += len(block)
@@ -213,12 +241,19 @@ def test_client_disconnect_closes_upstream(stack: Stack) -> None:
 
 def test_headers_forwarded_faithfully(stack: Stack) -> None:
     key = stack.tenant("acme")
-    r = httpx.get(stack.url + "/v1/models", headers={
-        "Authorization": f"Bearer {key}",
-        "OpenAI-Organization": "org-123", "OpenAI-Project": "proj-9",
-        "Connection": "keep-alive, X-Hop", "X-Hop": "drop me", "Keep-Alive": "timeout=5",
-        "Proxy-Authorization": "Basic secret", "X-Custom": "a",
-    })
+    r = httpx.get(
+        stack.url + "/v1/models",
+        headers={
+            "Authorization": f"Bearer {key}",
+            "OpenAI-Organization": "org-123",
+            "OpenAI-Project": "proj-9",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "drop me",
+            "Keep-Alive": "timeout=5",
+            "Proxy-Authorization": "Basic secret",
+            "X-Custom": "a",
+        },
+    )
     assert r.status_code == 200
     assert r.headers.get_list("set-cookie") == ["__cf_bm=one; Path=/", "_cfuvid=two; Path=/"]
     seen = stack.fake.requests[-1]
@@ -229,8 +264,15 @@ def test_headers_forwarded_faithfully(stack: Stack) -> None:
     for dropped in ("x-hop", "keep-alive", "proxy-authorization", "connection"):
         assert dropped not in names
     # Nothing the client did not send, beyond what HTTP requires (host).
-    sent = {"authorization", "openai-organization", "openai-project", "x-custom", "accept",
-            "accept-encoding", "user-agent"}
+    sent = {
+        "authorization",
+        "openai-organization",
+        "openai-project",
+        "x-custom",
+        "accept",
+        "accept-encoding",
+        "user-agent",
+    }
     assert set(names) - sent == {"host"}
 
 
@@ -240,8 +282,7 @@ def test_no_request_can_steer_the_upstream(stack: Stack) -> None:
     key = stack.tenant("acme")
     before = len(stack.fake.requests)
     port = int(stack.url.rsplit(":", 1)[1])
-    for target in ("/v1/../admin", "/v1/%2e%2e/x", "/v1/files%2F..%2Fx", "/v1/a/./b",
-                   "/v1/..%5cx"):
+    for target in ("/v1/../admin", "/v1/%2e%2e/x", "/v1/files%2F..%2Fx", "/v1/a/./b", "/v1/..%5cx"):
         conn = http.client.HTTPConnection("127.0.0.1", port)
         conn.request("GET", target, headers={"Authorization": f"Bearer {key}"})
         response = conn.getresponse()
@@ -252,8 +293,11 @@ def test_no_request_can_steer_the_upstream(stack: Stack) -> None:
     assert len(stack.fake.requests) == before
     # An absolute-form target or a Host header cannot choose another host.
     conn = http.client.HTTPConnection("127.0.0.1", port)
-    conn.request("GET", "http://evil.example/v1/models",
-                 headers={"Authorization": f"Bearer {key}", "Host": "evil.example"})
+    conn.request(
+        "GET",
+        "http://evil.example/v1/models",
+        headers={"Authorization": f"Bearer {key}", "Host": "evil.example"},
+    )
     assert conn.getresponse().status == 200
     conn.close()
     assert stack.fake.requests[-1].header("host") == f"127.0.0.1:{stack.fake.port}"
@@ -261,9 +305,11 @@ def test_no_request_can_steer_the_upstream(stack: Stack) -> None:
 
 def test_embeddings_base64_roundtrip(stack: Stack) -> None:
     key = stack.tenant("acme")
-    r = httpx.post(stack.url + "/v1/embeddings", json={
-        "model": "m", "input": "x", "encoding_format": "base64"},
-        headers={"Authorization": f"Bearer {key}"})
+    r = httpx.post(
+        stack.url + "/v1/embeddings",
+        json={"model": "m", "input": "x", "encoding_format": "base64"},
+        headers={"Authorization": f"Bearer {key}"},
+    )
     assert base64.b64decode(r.json()["data"][0]["embedding"])
     assert r.json()["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
     assert USAGE["total_tokens"] == 18

@@ -22,12 +22,19 @@ def stack(tmp_path: Path, master_key: str) -> Iterator[Stack]:
 
 
 def chat(client: openai.OpenAI, model: str = "gpt-4o-mini", **kw: object) -> object:
-    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}],
-                                          **kw)  # type: ignore[call-overload]
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "x"}], **kw
+    )  # type: ignore[call-overload]
 
 
-def expect(exc_type: type[openai.APIStatusError], status: int, code: str, call: object,
-           *args: object, **kw: object) -> openai.APIStatusError:
+def expect(
+    exc_type: type[openai.APIStatusError],
+    status: int,
+    code: str,
+    call: object,
+    *args: object,
+    **kw: object,
+) -> openai.APIStatusError:
     with pytest.raises(exc_type) as info:
         call(*args, **kw)  # type: ignore[operator]
     err = info.value
@@ -93,8 +100,9 @@ def test_quota_exceeded(stack: Stack) -> None:
 
 def test_rate_limit_passes_through(stack: Stack) -> None:
     key = stack.tenant("acme")
-    err = expect(openai.RateLimitError, 429, "rate_limit_exceeded", chat, stack.sdk(key),
-                 "rate-limited")
+    err = expect(
+        openai.RateLimitError, 429, "rate_limit_exceeded", chat, stack.sdk(key), "rate-limited"
+    )
     assert err.response.headers["retry-after"] == "7"
     assert err.response.headers["x-ratelimit-reset-requests"] == "7s"
     assert err.response.headers["x-request-id"].startswith("up-req-")
@@ -112,8 +120,12 @@ def test_upstream_unreachable(tmp_path: Path, master_key: str) -> None:
 
 
 def test_upstream_timeout(tmp_path: Path, master_key: str) -> None:
-    stack = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key,
-                  yaml="upstream:\n  read_timeout_seconds: 0.5\n")
+    stack = Stack(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'e2e.db'}",
+        master_key,
+        yaml="upstream:\n  read_timeout_seconds: 0.5\n",
+    )
     try:
         key = stack.tenant("acme")
         expect(openai.APIStatusError, 504, "upstream_timeout", chat, stack.sdk(key), "slow")
@@ -122,21 +134,25 @@ def test_upstream_timeout(tmp_path: Path, master_key: str) -> None:
 
 
 def test_request_too_large(tmp_path: Path, master_key: str) -> None:
-    stack = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key,
-                  yaml="limits:\n  max_body_bytes: 2000\n")
+    stack = Stack(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'e2e.db'}",
+        master_key,
+        yaml="limits:\n  max_body_bytes: 2000\n",
+    )
     try:
         key = stack.tenant("acme")
         client = stack.sdk(key)
         with pytest.raises(openai.APIStatusError) as info:
-            client.chat.completions.create(model="m", messages=[{"role": "user",
-                                                                 "content": "x" * 5000}])
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x" * 5000}]
+            )
         assert info.value.status_code == 413
         assert isinstance(info.value.body, dict) and info.value.body["code"] == "request_too_large"
         with pytest.raises(openai.APIStatusError) as info:
             client.files.create(file=("big.bin", b"x" * 5000), purpose="batch")
         assert info.value.status_code == 413
-        assert not any(r.path in ("/v1/files", "/v1/chat/completions")
-                       for r in stack.fake.requests)
+        assert not any(r.path in ("/v1/files", "/v1/chat/completions") for r in stack.fake.requests)
     finally:
         stack.close()
 
@@ -145,10 +161,13 @@ def test_key_decryption_failed(stack: Stack, caplog: pytest.LogCaptureFixture) -
     key = stack.tenant("acme")
     engine = sqlalchemy.create_engine(stack.config.database_url)
     with engine.begin() as conn:
-        conn.execute(sqlalchemy.text(
-            "UPDATE tenants SET openai_api_key_encrypted = "
-            "substr(openai_api_key_encrypted, 1, 40) || 'AAAA' || "
-            "substr(openai_api_key_encrypted, 45)"))
+        conn.execute(
+            sqlalchemy.text(
+                "UPDATE tenants SET openai_api_key_encrypted = "
+                "substr(openai_api_key_encrypted, 1, 40) || 'AAAA' || "
+                "substr(openai_api_key_encrypted, 45)"
+            )
+        )
     engine.dispose()
     for app in stack.apps:
         app.runtime.store.invalidate_tenant("acme")

@@ -34,15 +34,25 @@ def test_mixed_scenario_leaks_nothing(
         client = stack.sdk(acme)
         raw = client.chat.completions.with_raw_response.create(model="m", messages=[])
         bodies.append(raw.http_response.content)
-        with httpx.stream("POST", stack.url + "/v1/chat/completions",
-                          json={"model": "m", "messages": [], "stream": True},
-                          headers={"Authorization": f"Bearer {acme}"}) as r:
+        with httpx.stream(
+            "POST",
+            stack.url + "/v1/chat/completions",
+            json={"model": "m", "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {acme}"},
+        ) as r:
             bodies.append(b"".join(r.iter_raw()) + repr(r.headers.raw).encode())
-        for key, model in ((trial, "m"), (bad, "m"), (bad, "m"), (acme, "rate-limited"),
-                           ("byok-nope", "m")):
-            r = httpx.post(stack.url + "/v1/chat/completions", json={"model": model,
-                                                                      "messages": []},
-                           headers={"Authorization": f"Bearer {key}"})
+        for key, model in (
+            (trial, "m"),
+            (bad, "m"),
+            (bad, "m"),
+            (acme, "rate-limited"),
+            ("byok-nope", "m"),
+        ):
+            r = httpx.post(
+                stack.url + "/v1/chat/completions",
+                json={"model": model, "messages": []},
+                headers={"Authorization": f"Bearer {key}"},
+            )
             bodies.append(r.content + repr(r.headers.raw).encode())
         stack.fake.revoked.add(PLATFORM_KEY)
         with pytest.raises(openai.APIStatusError):
