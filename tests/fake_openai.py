@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-
 from servers import free_port
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
@@ -116,8 +115,8 @@ class FakeOpenAI:
                 headers,
                 {
                     "error": {
-                        "message": f"Incorrect API key provided: {key}. You can find your API key at "
-                        "https://platform.openai.com/account/api-keys.",
+                        "message": f"Incorrect API key provided: {key}. You can find "
+                        "your API key at https://platform.openai.com/account/api-keys.",
                         "type": "invalid_request_error",
                         "param": None,
                         "code": "invalid_api_key",
@@ -131,8 +130,8 @@ class FakeOpenAI:
                 headers,
                 {
                     "error": {
-                        "message": "You exceeded your current quota, please check your plan and billing "
-                        "details.",
+                        "message": "You exceeded your current quota, please check your "
+                        "plan and billing details.",
                         "type": "insufficient_quota",
                         "param": None,
                         "code": "insufficient_quota",

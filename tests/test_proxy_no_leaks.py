@@ -1,4 +1,4 @@
-"""A mixed proxy scenario at DEBUG: no plaintext OpenAI key in any log line, response or usage line."""
+"""A mixed proxy scenario at DEBUG: no plaintext OpenAI key in a log, response or usage line."""
 
 from __future__ import annotations
 
