@@ -9,6 +9,7 @@ byok-proxy tenants create --name N --tier T [--id ID]
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import multiprocessing
 import os
@@ -155,6 +156,29 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    from proxy.usage import GROUPS, format_table, summarise
+
+    by = [g.strip() for g in args.by.split(",") if g.strip()]
+    unknown = [g for g in by if g not in GROUPS]
+    if unknown or not by:
+        print(f"byok-proxy: --by takes a comma list of {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    try:
+        with open(args.logfile, encoding="utf-8") as fh:
+            rows, skipped = summarise(fh, by, args.since)
+    except OSError as exc:
+        print(f"byok-proxy: cannot read {args.logfile}: {exc.strerror}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"rows": rows, "skipped_lines": skipped}, indent=2))
+    else:
+        print(format_table(rows, by))
+        if skipped:
+            print(f"({skipped} unreadable lines skipped)", file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="byok-proxy", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +211,14 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--id", default=None)
     create.add_argument("--config", default=None)
     create.set_defaults(func=cmd_tenants_create)
+    usage = sub.add_parser("usage", help="summarise a usage log per tenant and model")
+    usage.add_argument("logfile")
+    usage.add_argument("--since", default=None, help="ISO date or time (UTC), e.g. 2026-11-01")
+    usage.add_argument(
+        "--by", default="tenant,model", help="comma list of: tenant, model, day, path, key_source"
+    )
+    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    usage.set_defaults(func=cmd_usage)
     return parser
 
 

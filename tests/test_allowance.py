@@ -53,8 +53,7 @@ def test_pro_tier_never_falls_back(tmp_path: Path, master_key: str) -> None:
         stack.close()
 
 
-def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_key: str
-                                      ) -> None:
+def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_key: str) -> None:
     """`byok-proxy serve --workers 2`: the allowance holds whichever worker answers."""
     import httpx
     from fake_openai import start_fake
@@ -64,23 +63,34 @@ def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_
 
     fake, fake_server = start_fake()
     (tmp_path / "config.yaml").write_text("tiers:\n  trial:\n    daily_requests: 3\n")
-    env = {"ENCRYPTION_KEY": master_key, "ADMIN_TOKEN": ADMIN_TOKEN,
-           "DATABASE_URL": database_url, "OPENAI_BASE_URL": fake.base_url,
-           "PLATFORM_OPENAI_KEY": PLATFORM_KEY, "BYOK_CONFIG": str(tmp_path / "config.yaml"),
-           "USAGE_LOG": str(tmp_path / "usage.jsonl")}
+    env = {
+        "ENCRYPTION_KEY": master_key,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": fake.base_url,
+        "PLATFORM_OPENAI_KEY": PLATFORM_KEY,
+        "BYOK_CONFIG": str(tmp_path / "config.yaml"),
+        "USAGE_LOG": str(tmp_path / "usage.jsonl"),
+    }
     port = free_port()
     with fake_server, serve(["--workers", "2"], env, tmp_path, port, tmp_path / "serve.log"):
         url = f"http://127.0.0.1:{port}"
-        r = httpx.post(url + "/api/v1/tenants", json={"name": "T", "tier": "trial"},
-                       headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        r = httpx.post(
+            url + "/api/v1/tenants",
+            json={"name": "T", "tier": "trial"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
         key = r.json()["api_key"]
         statuses = []
         for _ in range(8):  # a new connection each time, so both workers take some
             with httpx.Client() as client:
-                statuses.append(client.post(url + "/v1/chat/completions",
-                                            json={"model": "m", "messages": []},
-                                            headers={"Authorization": f"Bearer {key}"}
-                                            ).status_code)
+                statuses.append(
+                    client.post(
+                        url + "/v1/chat/completions",
+                        json={"model": "m", "messages": []},
+                        headers={"Authorization": f"Bearer {key}"},
+                    ).status_code
+                )
     assert statuses == [200] * 3 + [402] * 5
     assert sum(r.path == "/v1/chat/completions" for r in fake.requests) == 3
     log = (tmp_path / "serve.log").read_text()

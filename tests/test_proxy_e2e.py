@@ -166,14 +166,20 @@ def test_file_upload_and_audio_transcription(stack: Stack) -> None:
         request.read()
         sent.append(request.content)
 
-    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0,
-                           http_client=httpx2.Client(event_hooks={"request": [capture]}))
+    client = openai.OpenAI(
+        base_url=stack.url + "/v1",
+        api_key=key,
+        max_retries=0,
+        http_client=httpx2.Client(event_hooks={"request": [capture]}),
+    )
     data = bytes(range(256)) * 4096  # 1 MiB of every byte value
     uploaded = client.files.create(file=("batch.jsonl", data), purpose="batch")
     seen = stack.fake.requests[-1]
     assert seen.path == "/v1/files" and uploaded.bytes == len(seen.body)
     assert seen.body == sent[-1] and data in seen.body
-    assert seen.header("content-type", ).startswith("multipart/form-data; boundary=")
+    assert seen.header(
+        "content-type",
+    ).startswith("multipart/form-data; boundary=")
 
     audio = b"RIFF" + bytes(range(256)) * 20
     text = client.audio.transcriptions.create(model="whisper-1", file=("a.wav", audio))

@@ -1,0 +1,374 @@
+"""The usage line: its fields for every kind of request, the writer, and the summary command."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fake_openai import USAGE
+from servers import free_port
+from stack import Stack
+
+from proxy.streaming import JSONTail, SSEScanner, Usage, ask_for_usage
+from proxy.usage import UsageLog, UsageRecord, format_table, summarise
+
+FIELDS = {
+    "ts",
+    "request_id",
+    "tenant_id",
+    "method",
+    "path",
+    "model",
+    "stream",
+    "status",
+    "upstream_status",
+    "duration_ms",
+    "ttfb_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "key_source",
+    "error_code",
+    "client_disconnected",
+}
+RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+# --- pieces ---------------------------------------------------------------------------
+
+
+def test_ask_for_usage_splices_and_merges() -> None:
+    body = b'{"model":"m","stream":true, "messages":[]}'
+    sent, strip = ask_for_usage(body, json.loads(body))
+    assert strip and sent == b'{"stream_options":{"include_usage":true},' + body[1:]
+    assert json.loads(sent)["stream_options"] == {"include_usage": True}
+
+    asked = b'{"stream":true,"stream_options":{"include_usage":true}}'
+    assert ask_for_usage(asked, json.loads(asked)) == (asked, False)
+
+    other = b'{"stream":true,"stream_options":{"include_obfuscation":false}}'
+    sent, strip = ask_for_usage(other, json.loads(other))
+    assert strip and json.loads(sent)["stream_options"] == {
+        "include_obfuscation": False,
+        "include_usage": True,
+    }
+    null = b'{"stream":true,"stream_options":null}'
+    sent, strip = ask_for_usage(null, json.loads(null))
+    assert strip and json.loads(sent)["stream_options"] == {"include_usage": True}
+
+
+CHUNK = b'data: {"choices":[{"delta":{"content":"a"}}],"usage":null}\n\n'
+USAGE_CHUNK = (
+    b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+)
+DONE = b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("size", [1, 3, 7, 50, 10_000])
+def test_sse_scanner_strips_usage_chunk_across_any_split(size: int) -> None:
+    stream = CHUNK * 3 + USAGE_CHUNK + DONE
+    scanner = SSEScanner(strip_usage_chunk=True)
+    out = b"".join(scanner.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+    out += scanner.finish()
+    assert out == CHUNK * 3 + DONE
+    assert scanner.usage == Usage(3, 4, 7)
+
+
+@pytest.mark.parametrize("size", [1, 5, 10_000])
+def test_sse_scanner_passes_everything_when_client_asked(size: int) -> None:
+    stream = CHUNK * 2 + USAGE_CHUNK + DONE
+    scanner = SSEScanner(strip_usage_chunk=False)
+    blocks = [stream[i : i + size] for i in range(0, len(stream), size)]
+    assert [scanner.feed(b) for b in blocks] == blocks  # forwarded untouched, as they came
+    assert scanner.finish() == b""
+    assert scanner.usage == Usage(3, 4, 7)
+
+
+def test_sse_scanner_reads_responses_api_usage() -> None:
+    event = (
+        b'event: response.completed\ndata: {"type":"response.completed","response":'
+        b'{"usage": {"input_tokens":9,"output_tokens":4,"total_tokens":13}}}\n\n'
+    )
+    scanner = SSEScanner(strip_usage_chunk=False)
+    scanner.feed(event)
+    assert scanner.usage == Usage(9, 4, 13)
+
+
+def test_json_tail_finds_usage_at_the_end_of_big_bodies() -> None:
+    body = json.dumps(
+        {
+            "data": [{"embedding": [0.1] * 50_000}],
+            "note": 'say \\"usage\\": {\\"total_tokens\\": 1}',
+            "usage": {"prompt_tokens": 5, "total_tokens": 5},
+        }
+    ).encode()
+    tail = JSONTail(None)
+    for i in range(0, len(body), 4096):
+        tail.feed(body[i : i + 4096])
+    assert tail.usage() == Usage(5, None, 5)
+    zipped = JSONTail("gzip")
+    zipped.feed(gzip.compress(body))
+    assert zipped.usage() == Usage(5, None, 5)
+    assert JSONTail(None).usage() is None
+    broken = JSONTail("br")
+    broken.feed(b"\x00\x01")
+    assert broken.usage() is None
+
+
+async def test_usage_log_writes_everything_on_close(tmp_path: Path) -> None:
+    path = tmp_path / "u.jsonl"
+    log = UsageLog(str(path))
+    await log.start()
+    for i in range(1000):
+        log.write(UsageRecord(f"req_{i}", "POST", "/v1/x", 0.0, 1_700_000_000.0))
+    await asyncio.sleep(0)
+    await log.close()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1000 and [json.loads(x)["request_id"] for x in lines][-1] == "req_999"
+    assert set(json.loads(lines[0])) == FIELDS
+
+
+# --- every field, end to end ------------------------------------------------------------
+
+
+@pytest.fixture
+def stack(tmp_path: Path, master_key: str) -> Iterator[Stack]:
+    s = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key)
+    yield s
+    s.close()
+
+
+def post(
+    stack: Stack, key: str, body: dict[str, object], path: str = "/v1/chat/completions"
+) -> httpx.Response:
+    return httpx.post(
+        stack.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=10
+    )
+
+
+def test_usage_fields_for_each_kind_of_request(stack: Stack) -> None:
+    key = stack.tenant("acme")
+    missing = stack.tenant("nokey", key=None)
+    rids = []
+    rids.append(post(stack, key, {"model": "gpt-4o-mini", "messages": []}))
+    with httpx.stream(
+        "POST",
+        stack.url + "/v1/chat/completions?x=1",
+        json={"model": "gpt-4o-mini", "messages": [], "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    ) as r:
+        r.read()
+    rids.append(r)
+    rids.append(
+        post(
+            stack,
+            key,
+            {
+                "model": "gpt-4o-mini",
+                "messages": [],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            },
+        )
+    )
+    rids.append(post(stack, missing, {"model": "gpt-4o-mini", "messages": []}))
+    rids.append(post(stack, key, {"model": "rate-limited", "messages": []}))
+    rids.append(post(stack, "byok-unknown", {"model": "x", "messages": []}))
+    lines = {x["request_id"]: x for x in stack.usage(6)}
+    for line in lines.values():
+        assert set(line) == FIELDS and RFC3339.match(line["ts"])
+        assert line["duration_ms"] >= 0 and line["method"] == "POST"
+    plain, streamed, asked, no_key, limited, unknown = (
+        lines[r.headers["x-byok-request-id"]] for r in rids
+    )
+
+    tokens = (USAGE["prompt_tokens"], USAGE["completion_tokens"], USAGE["total_tokens"])
+    assert plain["tenant_id"] == "acme" and plain["model"] == "gpt-4o-mini"
+    assert (plain["status"], plain["upstream_status"], plain["stream"]) == (200, 200, False)
+    assert (plain["prompt_tokens"], plain["completion_tokens"], plain["total_tokens"]) == tokens
+    assert plain["key_source"] == "byok" and plain["error_code"] is None
+    assert plain["ttfb_ms"] is not None and plain["ttfb_ms"] <= plain["duration_ms"]
+    assert plain["client_disconnected"] is False and plain["path"] == "/v1/chat/completions"
+
+    assert streamed["stream"] is True and streamed["path"] == "/v1/chat/completions"
+    assert (
+        streamed["prompt_tokens"],
+        streamed["completion_tokens"],
+        streamed["total_tokens"],
+    ) == tokens
+    assert asked["total_tokens"] == 18 and asked["stream"] is True
+
+    assert (no_key["status"], no_key["error_code"]) == (402, "openai_key_missing")
+    assert no_key["upstream_status"] is None and no_key["ttfb_ms"] is None
+    assert no_key["tenant_id"] == "nokey" and no_key["total_tokens"] is None
+
+    assert (limited["status"], limited["upstream_status"]) == (429, 429)
+    assert limited["total_tokens"] is None
+
+    assert (unknown["status"], unknown["error_code"]) == (401, "invalid_proxy_key")
+    assert unknown["tenant_id"] is None and unknown["key_source"] is None
+
+
+def test_usage_fields_upstream_unreachable(tmp_path: Path, master_key: str) -> None:
+    stack = Stack(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'e2e.db'}",
+        master_key,
+        upstream=f"http://127.0.0.1:{free_port()}/v1",
+    )
+    try:
+        key = stack.tenant("t", tier="trial", key=None)
+        r = post(stack, key, {"model": "gpt-4o-mini", "messages": []})
+        assert r.status_code == 502
+        line = stack.usage(1)[-1]
+        assert (line["status"], line["error_code"], line["upstream_status"]) == (
+            502,
+            "upstream_unreachable",
+            None,
+        )
+        assert line["key_source"] == "platform" and line["model"] == "gpt-4o-mini"
+    finally:
+        stack.close()
+
+
+# --- the summary ------------------------------------------------------------------------
+
+
+def _line(
+    tenant: str | None,
+    model: str | None,
+    status: int,
+    tokens: tuple[int, int] | None,
+    ts: str = "2026-11-02T10:00:00.000Z",
+) -> str:
+    p, c = tokens or (None, None)
+    return json.dumps(
+        {
+            "ts": ts,
+            "request_id": "r",
+            "tenant_id": tenant,
+            "model": model,
+            "status": status,
+            "prompt_tokens": p,
+            "completion_tokens": c,
+            "total_tokens": (p + c) if tokens else None,
+            "error_code": None,
+            "path": "/v1/chat/completions",
+            "key_source": "byok",
+        }
+    )
+
+
+LOG = [
+    _line("acme", "gpt-4o", 200, (10, 5)),
+    _line("acme", "gpt-4o", 200, (20, 10)),
+    _line("acme", "gpt-4o-mini", 200, (1, 1), ts="2026-11-03T00:00:01.000Z"),
+    _line("acme", "gpt-4o-mini", 402, None, ts="2026-11-03T00:00:02.000Z"),
+    _line("beta", "gpt-4o", 200, (100, 50), ts="2026-11-03T08:00:00.000Z"),
+    _line(None, None, 401, None),
+    "not json",
+    "",
+]
+
+
+def test_summarise_groups_and_totals() -> None:
+    rows, skipped = summarise(LOG)
+    assert skipped == 1
+    assert rows == [
+        {
+            "tenant": "-",
+            "model": "-",
+            "requests": 1,
+            "errors": 1,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "total_tokens": 0,
+        },
+        {
+            "tenant": "acme",
+            "model": "gpt-4o",
+            "requests": 2,
+            "errors": 0,
+            "prompt_tokens": 30,
+            "completion_tokens": 15,
+            "total_tokens": 45,
+        },
+        {
+            "tenant": "acme",
+            "model": "gpt-4o-mini",
+            "requests": 2,
+            "errors": 1,
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "total_tokens": 2,
+        },
+        {
+            "tenant": "beta",
+            "model": "gpt-4o",
+            "requests": 1,
+            "errors": 0,
+            "prompt_tokens": 100,
+            "completion_tokens": 50,
+            "total_tokens": 150,
+        },
+    ]
+    by_day, _ = summarise(LOG, ["day"], since="2026-11-03")
+    assert [(r["day"], r["requests"], r["total_tokens"]) for r in by_day] == [
+        ("2026-11-03", 3, 152)
+    ]
+
+
+def test_format_table() -> None:
+    rows, _ = summarise(LOG, ["tenant"])
+    table = format_table(rows, ["tenant"]).splitlines()
+    assert table[0].split() == [
+        "tenant",
+        "requests",
+        "errors",
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    ]
+    assert table[3].split() == ["acme", "4", "1", "31", "16", "47"]
+    assert table[-1].split() == ["TOTAL", "6", "2", "131", "66", "197"]
+    assert len({len(line) for line in table[:2]}) == 1  # header as wide as its rule
+
+
+def test_usage_command(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    path.write_text("\n".join(LOG) + "\n")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "usage", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    table = run()
+    assert table.returncode == 0 and "beta" in table.stdout and "150" in table.stdout
+    assert "1 unreadable lines skipped" in table.stderr
+    as_json = json.loads(run("--by", "model", "--json").stdout)
+    assert {r["model"]: r["total_tokens"] for r in as_json["rows"]} == {
+        "-": 0,
+        "gpt-4o": 195,
+        "gpt-4o-mini": 2,
+    }
+    assert run("--by", "colour").returncode == 2
+    assert run("--since", "2026-11-03", "--by", "tenant,day").stdout.count("2026-11-03") == 2
+    missing = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "usage", str(tmp_path / "no")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 1 and "cannot read" in missing.stderr
