@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from proxy.config import Config, ConfigError, load_config
@@ -55,6 +56,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["BYOK_CONFIG"] = args.config
     if args.dev:
         os.environ["BYOK_DEV"] = "1"
+    if args.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Workers add up their metrics through files here (prometheus-client multiprocess).
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="byok-metrics-")
     if config.admin_port is not None:
         admin = multiprocessing.Process(
             target=_serve_admin,

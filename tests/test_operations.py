@@ -1,0 +1,203 @@
+"""Operations: health, readiness, Prometheus metrics, several workers, graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fake_openai import STREAM_CHUNKS, start_fake
+from helpers import ADMIN_TOKEN
+from prometheus_client.parser import text_string_to_metric_families
+from servers import free_port, serve
+from stack import PLATFORM_KEY, Stack
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text → {(sample name, sorted labels): value}."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def requests_count(text: str, tenant: str, status: str, path: str) -> float:
+    key = ("byok_requests_total", (("path", path), ("status", status), ("tenant", tenant)))
+    return samples(text).get(key, 0.0)
+
+
+def tokens_count(text: str, tenant: str, kind: str) -> float:
+    return samples(text).get(("byok_tokens_total", (("kind", kind), ("tenant", tenant))), 0.0)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, master_key: str) -> Iterator[Stack]:
+    s = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key)
+    yield s
+    s.close()
+
+
+def test_health_and_readiness(stack: Stack) -> None:
+    assert httpx.get(stack.url + "/healthz").json() == {"status": "ok"}
+    r = httpx.get(stack.url + "/readyz")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
+    assert r.headers["x-byok-request-id"].startswith("req_")
+
+
+def test_readiness_fails_without_database(tmp_path: Path, master_key: str) -> None:
+    db = tmp_path / "gone" / "e2e.db"
+    db.parent.mkdir()
+    stack = Stack(tmp_path, f"sqlite:///{db}", master_key)
+    try:
+        assert httpx.get(stack.url + "/readyz").status_code == 200
+        stack.apps[0].runtime.store.engine.dispose()
+        for f in db.parent.iterdir():
+            f.unlink()
+        db.parent.rmdir()
+        r = httpx.get(stack.url + "/readyz")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert httpx.get(stack.url + "/healthz").status_code == 200
+    finally:
+        db.parent.mkdir()
+        stack.close()
+
+
+def test_metrics_move_with_requests(stack: Stack) -> None:
+    key = stack.tenant("acme")
+    before = httpx.get(stack.url + "/metrics")
+    assert before.status_code == 200 and before.headers["content-type"].startswith("text/plain")
+    for _ in range(3):
+        httpx.post(
+            stack.url + "/v1/chat/completions",
+            json={"model": "m", "messages": []},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+    httpx.post(
+        stack.url + "/v1/chat/completions",
+        json={"model": "m", "messages": []},
+        headers={"Authorization": "Bearer byok-nope"},
+    )
+    after = httpx.get(stack.url + "/metrics").text
+    assert (
+        requests_count(after, "acme", "200", "chat")
+        - requests_count(before.text, "acme", "200", "chat")
+        == 3
+    )
+    assert requests_count(after, "unknown", "401", "chat") == 1
+    assert tokens_count(after, "acme", "prompt") - tokens_count(before.text, "acme", "prompt") == 33
+    assert tokens_count(after, "acme", "completion") == 21
+    hist = samples(after)
+    assert hist[("byok_request_duration_seconds_count", (("path", "chat"),))] == 4
+    assert hist[("byok_upstream_ttfb_seconds_count", (("path", "chat"),))] == 3
+    assert ("byok_open_streams", ()) in hist
+
+
+def test_metrics_can_require_the_admin_token(tmp_path: Path, master_key: str) -> None:
+    stack = Stack(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'm.db'}",
+        master_key,
+        yaml="metrics:\n  require_admin_token: true\n",
+    )
+    try:
+        r = httpx.get(stack.url + "/metrics")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = httpx.get(stack.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert r.status_code == 200
+    finally:
+        stack.close()
+
+
+def _serve_env(tmp_path: Path, master_key: str, database_url: str, upstream: str) -> dict[str, str]:
+    (tmp_path / "config.yaml").write_text("server:\n  shutdown_timeout_seconds: 20\n")
+    return {
+        "ENCRYPTION_KEY": master_key,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": upstream,
+        "PLATFORM_OPENAI_KEY": PLATFORM_KEY,
+        "BYOK_CONFIG": str(tmp_path / "config.yaml"),
+        "USAGE_LOG": str(tmp_path / "usage.jsonl"),
+    }
+
+
+def test_metrics_add_up_across_workers(tmp_path: Path, database_url: str, master_key: str) -> None:
+    fake, fake_server = start_fake()
+    env = _serve_env(tmp_path, master_key, database_url, fake.base_url)
+    port = free_port()
+    with fake_server, serve(["--workers", "2"], env, tmp_path, port, tmp_path / "serve.log"):
+        url = f"http://127.0.0.1:{port}"
+        key = httpx.post(
+            url + "/api/v1/tenants",
+            json={"name": "T", "tier": "trial", "id": "t"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ).json()["api_key"]
+        for _ in range(6):
+            with httpx.Client() as client:  # new connections: both workers answer some
+                assert (
+                    client.get(
+                        url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+                    ).status_code
+                    == 200
+                )
+        for _ in range(4):  # whichever worker answers the scrape, it reports all six
+            with httpx.Client() as client:
+                assert requests_count(client.get(url + "/metrics").text, "t", "200", "models") == 6
+    lines = (tmp_path / "usage.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+
+
+def test_sigterm_lets_streams_finish(tmp_path: Path, master_key: str) -> None:
+    """SIGTERM mid-stream: new connections are refused, the stream completes, its line is written."""
+    fake, fake_server = start_fake()
+    env = _serve_env(tmp_path, master_key, f"sqlite:///{tmp_path / 's.db'}", fake.base_url)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    received: list[bytes] = []
+    with fake_server, serve([], env, tmp_path, port, tmp_path / "serve.log") as proc:
+        key = httpx.post(
+            url + "/api/v1/tenants",
+            json={"name": "T", "tier": "trial", "id": "t"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        ).json()["api_key"]
+
+        def stream() -> None:
+            with httpx.stream(
+                "POST",
+                url + "/v1/chat/completions",
+                timeout=30,
+                json={"model": "hold", "messages": [], "stream": True},
+                headers={"Authorization": f"Bearer {key}"},
+            ) as r:
+                for block in r.iter_raw():
+                    received.append(block)
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert fake.first_chunk_sent.wait(10)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        refused = False
+        while time.monotonic() < deadline and not refused:
+            try:
+                httpx.get(url + "/healthz", timeout=1)
+                time.sleep(0.05)
+            except httpx.ConnectError:
+                refused = True
+        assert refused, "new connections were still accepted after SIGTERM"
+        assert proc.poll() is None, "the server quit with a stream in flight"
+        fake.release.set()
+        reader.join(10)
+        assert proc.wait(15) is not None
+    body = b"".join(received)
+    assert body.count(b"data: ") == STREAM_CHUNKS + 3 and body.endswith(b"data: [DONE]\n\n")
+    lines = [json.loads(x) for x in (tmp_path / "usage.jsonl").read_text().splitlines()]
+    streamed = [x for x in lines if x["stream"]]
+    assert len(streamed) == 1 and streamed[0]["status"] == 200
+    assert streamed[0]["total_tokens"] == 18 and streamed[0]["client_disconnected"] is False
