@@ -1,4 +1,4 @@
-"""The Dockerfile: lint it, and run its install/start steps in a fresh virtualenv (no engine here)."""
+"""The Dockerfile: lint it, and run its install and start steps in a fresh virtualenv."""
 
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def test_metrics_add_up_across_workers(tmp_path: Path, database_url: str, master
 
 
 def test_sigterm_lets_streams_finish(tmp_path: Path, master_key: str) -> None:
-    """SIGTERM mid-stream: new connections are refused, the stream completes, its line is written."""
+    """SIGTERM mid-stream: new connections refused, the stream completes, its line is written."""
     fake, fake_server = start_fake()
     env = _serve_env(tmp_path, master_key, f"sqlite:///{tmp_path / 's.db'}", fake.base_url)
     port = free_port()
