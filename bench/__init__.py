@@ -1,0 +1,1 @@
+"""byok-proxy benchmark: `python -m bench` (see README, Performance)."""
