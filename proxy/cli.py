@@ -77,6 +77,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(config.shutdown_timeout_seconds),
         server_header=False,
         date_header=False,
+        access_log=False,  # the usage log has one line per request, with more in it
+        proxy_headers=False,  # X-Forwarded-* from callers are not trusted
     )
     return 0
 

@@ -46,6 +46,7 @@ log = logging.getLogger("byok.proxy")
 
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _MAX_ERROR_BODY = 64 * 1024
+_WATCH_AFTER = 0.05  # seconds
 
 
 class _ClientGone(Exception):
@@ -53,14 +54,24 @@ class _ClientGone(Exception):
 
 
 class _DisconnectWatch:
-    """Cancels the request's task when the client disconnects, until stopped."""
+    """Cancels the request's task when the client disconnects, until stopped.
+
+    The watching task starts only once a request has lasted `_WATCH_AFTER`
+    seconds: quick requests (most non-streamed ones) never pay for a task, and
+    a client that leaves a long request is still noticed within that delay.
+    """
 
     def __init__(self, receive: Receive, task: asyncio.Task[Any], record: UsageRecord) -> None:
         self._receive = receive
         self._target = task
         self._record = record
         self._stopped = False
-        self._task = asyncio.create_task(self._run())
+        self._task: asyncio.Task[None] | None = None
+        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._start)
+
+    def _start(self) -> None:
+        if not self._stopped:
+            self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
         message = await self._receive()
@@ -71,7 +82,9 @@ class _DisconnectWatch:
     def stop(self) -> None:
         """Stop watching (before the last message is sent: uvicorn then reports a disconnect)."""
         self._stopped = True
-        self._task.cancel()
+        self._timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _quota_exceeded(body: bytes) -> bool:
@@ -105,12 +118,19 @@ class Forwarder:
         self.store = runtime.store
         self.client = client
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send, request_id: str) -> None:
+    async def __call__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request_id: str,
+        rid_header: tuple[bytes, bytes],
+    ) -> None:
         record = UsageRecord(
             request_id, scope["method"], scope["path"], time.perf_counter(), time.time()
         )
         try:
-            await self._forward(scope, receive, send, record)
+            await self._forward(scope, receive, send, record, rid_header)
         except ProxyError as exc:
             if isinstance(exc, KeyDecryptionFailed):
                 log.error(
@@ -121,7 +141,7 @@ class Forwarder:
                 )
             record.status, record.error_code = exc.status_code, exc.code
             if not record.client_disconnected:
-                await send_error(send, exc)
+                await send_error(send, exc, (rid_header,))
         except _ClientGone:
             record.client_disconnected = True
             record.status = record.status or 499
@@ -131,7 +151,12 @@ class Forwarder:
             self.runtime.metrics.observe(record)
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, record: UsageRecord
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: UsageRecord,
+        rid_header: tuple[bytes, bytes],
     ) -> None:
         token = length = content_type = None
         has_body = False
@@ -224,7 +249,7 @@ class Forwarder:
             if watcher is None:
                 watcher = _DisconnectWatch(receive, task, record)
             await self._respond(
-                response, send, record, choice, tenant.ciphertext, strip_usage, watcher
+                response, send, record, choice, tenant.ciphertext, strip_usage, watcher, rid_header
             )
         except asyncio.CancelledError:
             if record.client_disconnected:
@@ -253,6 +278,7 @@ class Forwarder:
         ciphertext: str | None,
         strip_usage: bool,
         watcher: _DisconnectWatch,
+        rid_header: tuple[bytes, bytes],
     ) -> None:
         status = response.status
         if status == 401:
@@ -281,7 +307,9 @@ class Forwarder:
                 {
                     "type": "http.response.start",
                     "status": status,
-                    "headers": response_headers(response.raw_headers, body_changed=False),
+                    "headers": response_headers(
+                        response.raw_headers, rid_header, body_changed=False
+                    ),
                 }
             )
             watcher.stop()
@@ -296,7 +324,9 @@ class Forwarder:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": response_headers(response.raw_headers, body_changed=strip_usage and sse),
+                "headers": response_headers(
+                    response.raw_headers, rid_header, body_changed=strip_usage and sse
+                ),
             }
         )
         if sse:

@@ -8,6 +8,7 @@ time (prometheus-client's multiprocess mode).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -38,6 +39,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         r = self.registry
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "byok_requests",
             "Requests to /v1 by tenant, status and path family",
@@ -68,21 +70,29 @@ class Metrics:
             "byok_open_streams", "Event streams in flight", registry=r, multiprocess_mode="livesum"
         )
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered (labels() is the costly part of a count)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe(self, record: UsageRecord) -> None:
         """Count one finished request."""
         family = path_family(record.path)
         tenant = record.tenant_id or "unknown"
-        self.requests.labels(tenant, str(record.status), family).inc()
+        self._child(self.requests, tenant, str(record.status), family).inc()
         if record.duration_ms is not None:
-            self.latency.labels(family).observe(record.duration_ms / 1000)
+            self._child(self.latency, family).observe(record.duration_ms / 1000)
         if record.ttfb_ms is not None:
-            self.upstream_latency.labels(family).observe(record.ttfb_ms / 1000)
+            self._child(self.upstream_latency, family).observe(record.ttfb_ms / 1000)
         usage = record.usage
         if usage is not None:
             if usage.prompt_tokens:
-                self.tokens.labels(tenant, "prompt").inc(usage.prompt_tokens)
+                self._child(self.tokens, tenant, "prompt").inc(usage.prompt_tokens)
             if usage.completion_tokens:
-                self.tokens.labels(tenant, "completion").inc(usage.completion_tokens)
+                self._child(self.tokens, tenant, "completion").inc(usage.completion_tokens)
 
     def render(self) -> bytes:
         """The text exposition (all workers' counts in multiprocess mode)."""

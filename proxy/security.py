@@ -42,6 +42,7 @@ __all__ = [
 CIPHERTEXT_VERSION = "v1"
 PROXY_KEY_PREFIX = "byok-"
 _HKDF_SALT = b"byok-proxy tenant key v1"
+_MAX_DERIVED = 10_000
 
 
 class Secret:
@@ -106,6 +107,9 @@ class Keyring:
             raise ValueError("no keys given")
         self._keys = keys
         self._by_kid = {k.kid: k for k in keys}
+        # Derived per-tenant Fernet keys (HKDF output, not OpenAI keys), kept to spare the
+        # hot path an HKDF per request. Bounded: cleared when it grows past _MAX_DERIVED.
+        self._derived: dict[tuple[str, str], Fernet] = {}
 
     @classmethod
     def parse(cls, value: str) -> Keyring:
@@ -138,12 +142,17 @@ class Keyring:
     def __repr__(self) -> str:
         return f"Keyring(kids={self.kids!r})"
 
-    @staticmethod
-    def _fernet(master: _MasterKey, tenant_id: str) -> Fernet:
-        derived = HKDF(
-            algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=tenant_id.encode()
-        ).derive(master.material)
-        return Fernet(base64.urlsafe_b64encode(derived))
+    def _fernet(self, master: _MasterKey, tenant_id: str) -> Fernet:
+        fernet = self._derived.get((master.kid, tenant_id))
+        if fernet is None:
+            derived = HKDF(
+                algorithm=hashes.SHA256(), length=32, salt=_HKDF_SALT, info=tenant_id.encode()
+            ).derive(master.material)
+            fernet = Fernet(base64.urlsafe_b64encode(derived))
+            if len(self._derived) >= _MAX_DERIVED:
+                self._derived.clear()
+            self._derived[(master.kid, tenant_id)] = fernet
+        return fernet
 
     def encrypt(self, plaintext_key: str, tenant_id: str) -> str:
         """Encrypt under the primary key, bound to `tenant_id`."""

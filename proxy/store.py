@@ -12,8 +12,9 @@ the TTL. The cache holds ciphertext at most, never a plaintext key.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,7 @@ class Store:
         self.cache_ttl = cache_ttl
         self._keys: dict[str, tuple[float, Principal | None]] = {}
         self._tenants: dict[str, tuple[float, TenantSnapshot | None]] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
 
     @classmethod
     def connect(cls, url: str, cache_ttl: float = 5.0) -> Store:
@@ -170,8 +172,17 @@ class Store:
         digest = hash_proxy_key(proxy_key)
         found = self._fresh(self._keys, digest)
         if found is _MISS:
-            return await anyio.to_thread.run_sync(self._load_principal, digest)
+            return await self._load_once(("key", digest), self._load_principal, digest)  # type: ignore[no-any-return]
         return found  # type: ignore[no-any-return]
+
+    async def _load_once(self, key: tuple[str, str], load: Callable[[str], Any], arg: str) -> Any:
+        """Run `load(arg)` in a thread, once for all callers missing the same entry at once."""
+        pending = self._inflight.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(anyio.to_thread.run_sync(load, arg))
+            self._inflight[key] = pending
+            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+        return await asyncio.shield(pending)
 
     def tenant(self, tenant_id: str) -> TenantSnapshot | None:
         """A snapshot of the tenant, or None if it does not exist (blocking)."""
@@ -182,7 +193,7 @@ class Store:
         """`tenant()` for the event loop: a cache hit costs no thread hop."""
         found = self._fresh(self._tenants, tenant_id)
         if found is _MISS:
-            return await anyio.to_thread.run_sync(self._load_tenant, tenant_id)
+            return await self._load_once(("tenant", tenant_id), self._load_tenant, tenant_id)  # type: ignore[no-any-return]
         return found  # type: ignore[no-any-return]
 
     def load_ciphertext(self, tenant_id: str) -> str | None:

@@ -55,8 +55,10 @@ def make_client(config: UpstreamConfig) -> aiohttp.ClientSession:
 
 def target_url(base_url: str, raw_path: bytes, query: bytes) -> URL:
     """The upstream URL for a `/v1/...` request target; 400 for anything that could escape."""
-    rest = raw_path[len(b"/v1/") :]
-    if _SUSPICIOUS.search(rest) or any(seg in (b".", b"..") for seg in rest.split(b"/")):
+    rest = raw_path[4:]  # after b"/v1/"
+    if (b"%" in rest or b"\\" in rest or b"." in rest) and (
+        _SUSPICIOUS.search(rest) or any(seg in (b".", b"..") for seg in rest.split(b"/"))
+    ):
         raise BadRequest(
             "The request path may not contain dot segments or encoded slashes.",
             code="invalid_path",
@@ -89,14 +91,16 @@ def request_headers(
 
 
 def response_headers(
-    headers: Sequence[tuple[bytes, bytes]], *, body_changed: bool
+    headers: Sequence[tuple[bytes, bytes]], extra: tuple[bytes, bytes], *, body_changed: bool
 ) -> list[tuple[bytes, bytes]]:
-    """Upstream response headers to pass back: all but hop-by-hop (repeats kept, order kept).
+    """Upstream response headers to pass back, then `extra` (our request id).
 
-    When the proxy changes the body (the removed usage chunk), the length is
-    no longer the upstream's, so `Content-Length` goes too.
+    All but hop-by-hop headers, repeats and order kept. When the proxy changes
+    the body (the removed usage chunk), `Content-Length` goes too.
     """
     drop = connection_tokens(headers)
     if body_changed:
         drop = drop | {b"content-length"}
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    kept = [(name, value) for name, value in headers if name.lower() not in drop]
+    kept.append(extra)
+    return kept

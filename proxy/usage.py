@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from proxy.streaming import Usage
@@ -54,35 +55,36 @@ class UsageRecord:
     client_disconnected: bool = False
 
     def line(self) -> bytes:
-        """The JSON line (with newline)."""
-        usage = self.usage or Usage()
+        """The JSON line (with newline); hand-assembled, it runs once per request."""
+        usage = self.usage or _NO_USAGE
+        seconds = int(self.ts)
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        millis = int((self.ts - seconds) * 1000)
         return (
-            json.dumps(
-                {
-                    "ts": datetime.fromtimestamp(self.ts, UTC)
-                    .isoformat(timespec="milliseconds")
-                    .replace("+00:00", "Z"),
-                    "request_id": self.request_id,
-                    "tenant_id": self.tenant_id,
-                    "method": self.method,
-                    "path": self.path,
-                    "model": self.model,
-                    "stream": self.stream,
-                    "status": self.status,
-                    "upstream_status": self.upstream_status,
-                    "duration_ms": self.duration_ms,
-                    "ttfb_ms": self.ttfb_ms,
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "total_tokens": usage.total_tokens,
-                    "key_source": self.key_source,
-                    "error_code": self.error_code,
-                    "client_disconnected": self.client_disconnected,
-                },
-                separators=(",", ":"),
-            ).encode()
-            + b"\n"
-        )
+            f'{{"ts":"{ts}.{millis:03d}Z","request_id":{_str(self.request_id)},'
+            f'"tenant_id":{_str(self.tenant_id)},"method":{_str(self.method)},'
+            f'"path":{_str(self.path)},"model":{_str(self.model)},'
+            f'"stream":{_BOOL[self.stream]},"status":{_num(self.status)},'
+            f'"upstream_status":{_num(self.upstream_status)},'
+            f'"duration_ms":{_num(self.duration_ms)},"ttfb_ms":{_num(self.ttfb_ms)},'
+            f'"prompt_tokens":{_num(usage.prompt_tokens)},'
+            f'"completion_tokens":{_num(usage.completion_tokens)},'
+            f'"total_tokens":{_num(usage.total_tokens)},"key_source":{_str(self.key_source)},'
+            f'"error_code":{_str(self.error_code)},'
+            f'"client_disconnected":{_BOOL[self.client_disconnected]}}}\n'
+        ).encode()
+
+
+_NO_USAGE = Usage()
+_BOOL = {True: "true", False: "false"}
+
+
+def _str(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
+
+
+def _num(value: float | None) -> str:
+    return "null" if value is None else repr(value)
 
 
 class UsageLog:
