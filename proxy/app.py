@@ -8,6 +8,7 @@ are built in the lifespan and live on `ByokApp.runtime`, never at import.
 
 from __future__ import annotations
 
+import gc
 import hmac
 import itertools
 import json
@@ -85,6 +86,9 @@ class ByokApp:
         self.forwarder = Forwarder(runtime, upstream_client)
         self.runtime = runtime
         self.admin.state.runtime = runtime
+        # Startup objects are long-lived: keep them out of every collection.
+        gc.collect()
+        gc.freeze()
         try:
             yield runtime
         finally:
