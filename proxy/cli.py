@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import secrets
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -37,8 +38,6 @@ def _setup_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy.store import make_engine, migrate
-
     config = _config(args, dev=args.dev)
     _setup_logging(config.log_level)
     if args.dev:
@@ -48,9 +47,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"byok-proxy: admin token: {config.admin_token.reveal()}",
             file=sys.stderr,
         )
-    engine = make_engine(config.database_url)
-    migrate(engine)  # once, before workers start, so they never race on the schema
-    engine.dispose()
+    # Migrate once, before workers start (so they never race on the schema), in a
+    # short-lived process so the server never loads Alembic.
+    migrated = subprocess.run(  # noqa: S603 (our own interpreter and module)
+        [
+            sys.executable,
+            "-m",
+            "proxy.cli",
+            "migrate",
+            *(["--config", args.config] if args.config else []),
+        ],
+        env={**os.environ, **({"BYOK_DEV": "1"} if args.dev else {})},
+        check=False,
+    )
+    if migrated.returncode:
+        return migrated.returncode
     # Workers rebuild the config from the environment (see create_app_from_env).
     if args.config:
         os.environ["BYOK_CONFIG"] = args.config
@@ -107,6 +118,19 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
         log_level=log_level.lower(),
         server_header=False,
     )
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from proxy.store import make_engine, migrate
+
+    config = _config(args, dev=os.environ.get("BYOK_DEV") == "1")
+    _setup_logging(config.log_level)
+    engine = make_engine(config.database_url)
+    try:
+        migrate(engine)
+    finally:
+        engine.dispose()
+    return 0
 
 
 def cmd_gen_key(args: argparse.Namespace) -> int:
@@ -204,6 +228,10 @@ def _parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("gen-key", help="print a new ENCRYPTION_KEY (or ADMIN_TOKEN)")
     gen.add_argument("--admin-token", action="store_true", help="print an admin token instead")
     gen.set_defaults(func=cmd_gen_key)
+
+    migrate = sub.add_parser("migrate", help="bring the database schema up to date")
+    migrate.add_argument("--config", default=None)
+    migrate.set_defaults(func=cmd_migrate)
 
     rotate = sub.add_parser("rotate-keys", help="re-encrypt every stored key under the first key")
     rotate.add_argument("--config", default=None)

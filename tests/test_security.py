@@ -200,3 +200,14 @@ def test_rotation_reports_undecryptable_rows(
     assert (report.rotated, report.failed) == (0, 2)
     assert "tenant-a" in caplog.text and GOOD_KEY not in caplog.text
     store.dispose()
+
+
+def test_head_revision_matches_the_migrations() -> None:
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    from proxy.store import _MIGRATIONS, HEAD_REVISION
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
