@@ -44,10 +44,10 @@ from proxy.security import generate_master_key
 ADMIN_TOKEN = "adm-" + "b" * 40
 TENANT_KEY = "sk-bench-" + "k" * 40
 CHAT_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
-LUA = """wrk.method = "POST"
-wrk.body = '%s'
+LUA = f"""wrk.method = "POST"
+wrk.body = '{CHAT_BODY.decode()}'
 wrk.headers["Content-Type"] = "application/json"
-""" % CHAT_BODY.decode()
+"""
 
 
 def free_port() -> int:
@@ -90,9 +90,13 @@ class Processes:
 
     def start_upstream(self) -> str:
         port = free_port()
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "bench.upstream", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT))
+        self.procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.upstream", "--port", str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+            )
+        )
         url = f"http://127.0.0.1:{port}"
         wait_up(url + "/v1/models")
         return url
@@ -102,22 +106,35 @@ class Processes:
         port = free_port()
         folder = self.work / name
         folder.mkdir()
-        env = {**os.environ, "ENCRYPTION_KEY": generate_master_key(), "ADMIN_TOKEN": ADMIN_TOKEN,
-               "DATABASE_URL": f"sqlite:///{folder / 'byok.db'}",
-               "OPENAI_BASE_URL": upstream + "/v1", "USAGE_LOG": str(folder / "usage.jsonl"),
-               "BYOK_CONFIG": str(Path(__file__).resolve().parent.parent / "config.yaml")}
+        env = {
+            **os.environ,
+            "ENCRYPTION_KEY": generate_master_key(),
+            "ADMIN_TOKEN": ADMIN_TOKEN,
+            "DATABASE_URL": f"sqlite:///{folder / 'byok.db'}",
+            "OPENAI_BASE_URL": upstream + "/v1",
+            "USAGE_LOG": str(folder / "usage.jsonl"),
+            "BYOK_CONFIG": str(Path(__file__).resolve().parent.parent / "config.yaml"),
+        }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port)], env=env,
-            cwd=folder, stdout=open(folder / "serve.log", "wb"), stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port)],
+            env=env,
+            cwd=folder,
+            stdout=open(folder / "serve.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         wait_up(url + "/healthz")
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-        key = httpx.post(url + "/api/v1/tenants", headers=admin,
-                         json={"name": "Bench", "tier": "pro", "id": "bench"}).json()["api_key"]
-        r = httpx.post(url + "/api/v1/tenants/bench/openai-key", headers=admin,
-                       json={"api_key": TENANT_KEY})
+        key = httpx.post(
+            url + "/api/v1/tenants",
+            headers=admin,
+            json={"name": "Bench", "tier": "pro", "id": "bench"},
+        ).json()["api_key"]
+        r = httpx.post(
+            url + "/api/v1/tenants/bench/openai-key", headers=admin, json={"api_key": TENANT_KEY}
+        )
         r.raise_for_status()
         return url, proc.pid, key
 
@@ -134,16 +151,25 @@ class Processes:
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(url: str, key: str | None, connections: int, seconds: float, script: Path
-        ) -> dict[str, float]:
+def wrk(
+    url: str, key: str | None, connections: int, seconds: float, script: Path
+) -> dict[str, float]:
     """One wrk run: requests/s and latency p50/p99 in ms."""
     threads = 1 if connections == 1 else 2
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{int(seconds)}s", "--latency",
-           "-s", str(script)]
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{int(seconds)}s",
+        "--latency",
+        "-s",
+        str(script),
+    ]
     if key:
         cmd += ["-H", f"Authorization: Bearer {key}"]
-    out = subprocess.run([*cmd, url + "/v1/chat/completions"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [*cmd, url + "/v1/chat/completions"], capture_output=True, text=True, check=True
+    ).stdout
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -154,8 +180,9 @@ def wrk(url: str, key: str | None, connections: int, seconds: float, script: Pat
     return result
 
 
-async def streams(url: str, key: str | None, count: int, chunks: int, interval_ms: int,
-                  ramp_seconds: float = 0.0) -> dict[str, Any]:
+async def streams(
+    url: str, key: str | None, count: int, chunks: int, interval_ms: int, ramp_seconds: float = 0.0
+) -> dict[str, Any]:
     """`count` concurrent streams; first-chunk and total times, errors, byte-correct count."""
     expected = proxied_stream_bytes(chunks) if key else stream_bytes(chunks, with_usage=False)
     body = json.dumps({"model": "gpt-4o-mini", "messages": [], "stream": True}).encode()
@@ -168,8 +195,9 @@ async def streams(url: str, key: str | None, count: int, chunks: int, interval_m
     errors = correct = 0
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout,
-                                     auto_decompress=False) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
 
         async def one(i: int) -> None:
             nonlocal errors, correct
@@ -191,8 +219,13 @@ async def streams(url: str, key: str | None, count: int, chunks: int, interval_m
                 errors += 1
 
         await asyncio.gather(*(one(i) for i in range(count)))
-    return {"first_ms": [x * 1000 for x in firsts], "total_ms": [x * 1000 for x in totals],
-            "errors": errors, "correct": correct, "count": count}
+    return {
+        "first_ms": [x * 1000 for x in firsts],
+        "total_ms": [x * 1000 for x in totals],
+        "errors": errors,
+        "correct": correct,
+        "count": count,
+    }
 
 
 def pct(values: list[float], p: float) -> float:
@@ -249,8 +282,11 @@ def run(quick: bool) -> dict[str, Any]:
         main_rss = peak_rss_mb(pid)
 
         scale_proxy, scale_pid, scale_key = procs.start_proxy(upstream, "scale")
-        scale = asyncio.run(streams(scale_proxy, scale_key, n_scale, 10, 500,
-                                    ramp_seconds=2.0 if not quick else 0.2))
+        scale = asyncio.run(
+            streams(
+                scale_proxy, scale_key, n_scale, 10, 500, ramp_seconds=2.0 if not quick else 0.2
+            )
+        )
         scale_rss = peak_rss_mb(scale_pid)
     finally:
         procs.stop()
@@ -263,20 +299,31 @@ def run(quick: bool) -> dict[str, Any]:
         return median([pct(r[field], p) for r in stream_runs[side]])
 
     added_c1 = [p["p50_ms"] - d["p50_ms"] for d, p in zip(c1["direct"], c1["proxy"], strict=True)]
-    added_c1_p99 = [p["p99_ms"] - d["p99_ms"] for d, p in zip(c1["direct"], c1["proxy"],
-                                                               strict=True)]
+    added_c1_p99 = [
+        p["p99_ms"] - d["p99_ms"] for d, p in zip(c1["direct"], c1["proxy"], strict=True)
+    ]
     return {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform(), "cpu": _cpu_model()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu": _cpu_model(),
+        },
         "quick": quick,
-        "c1": {"direct_p50_ms": med(c1["direct"], "p50_ms"),
-               "proxy_p50_ms": med(c1["proxy"], "p50_ms"),
-               "direct_p99_ms": med(c1["direct"], "p99_ms"),
-               "proxy_p99_ms": med(c1["proxy"], "p99_ms"),
-               "added_p50_ms": median(added_c1), "added_p99_ms": median(added_c1_p99)},
-        "c64": {"direct_rps": med(c64["direct"], "rps"), "proxy_rps": med(c64["proxy"], "rps"),
-                "proxy_cpu_ms_per_request": median(cpu_per_request),
-                "errors": sum(r["errors"] for r in c64["proxy"])},
+        "c1": {
+            "direct_p50_ms": med(c1["direct"], "p50_ms"),
+            "proxy_p50_ms": med(c1["proxy"], "p50_ms"),
+            "direct_p99_ms": med(c1["direct"], "p99_ms"),
+            "proxy_p99_ms": med(c1["proxy"], "p99_ms"),
+            "added_p50_ms": median(added_c1),
+            "added_p99_ms": median(added_c1_p99),
+        },
+        "c64": {
+            "direct_rps": med(c64["direct"], "rps"),
+            "proxy_rps": med(c64["proxy"], "rps"),
+            "proxy_cpu_ms_per_request": median(cpu_per_request),
+            "errors": sum(r["errors"] for r in c64["proxy"]),
+        },
         "streams": {
             "count": n_streams,
             "direct_first_p50_ms": stream_stat("direct", "first_ms", 50),
@@ -291,8 +338,12 @@ def run(quick: bool) -> dict[str, Any]:
             "errors": sum(r["errors"] for r in stream_runs["proxy"]),
         },
         "proxy_peak_rss_mb": main_rss,
-        "scale": {"streams": n_scale, "errors": scale["errors"], "correct": scale["correct"],
-                  "peak_rss_mb": scale_rss},
+        "scale": {
+            "streams": n_scale,
+            "errors": scale["errors"],
+            "correct": scale["correct"],
+            "peak_rss_mb": scale_rss,
+        },
     }
 
 
@@ -309,22 +360,49 @@ def _cpu_model() -> str:
 def table(r: dict[str, Any]) -> str:
     c1, c64, s, sc = r["c1"], r["c64"], r["streams"], r["scale"]
     rows = [
-        ("latency c=1 p50 (ms)", c1["direct_p50_ms"], c1["proxy_p50_ms"],
-         f"+{c1['added_p50_ms']:.3f} ms", "added <= 0.3 ms"),
-        ("latency c=1 p99 (ms)", c1["direct_p99_ms"], c1["proxy_p99_ms"],
-         f"+{c1['added_p99_ms']:.3f} ms", ""),
-        ("requests/s c=64", c64["direct_rps"], c64["proxy_rps"],
-         f"x{c64['proxy_rps'] / c64['direct_rps']:.2f}", ""),
+        (
+            "latency c=1 p50 (ms)",
+            c1["direct_p50_ms"],
+            c1["proxy_p50_ms"],
+            f"+{c1['added_p50_ms']:.3f} ms",
+            "added <= 0.3 ms",
+        ),
+        (
+            "latency c=1 p99 (ms)",
+            c1["direct_p99_ms"],
+            c1["proxy_p99_ms"],
+            f"+{c1['added_p99_ms']:.3f} ms",
+            "",
+        ),
+        (
+            "requests/s c=64",
+            c64["direct_rps"],
+            c64["proxy_rps"],
+            f"x{c64['proxy_rps'] / c64['direct_rps']:.2f}",
+            "",
+        ),
         ("proxy CPU ms/request c=64", None, c64["proxy_cpu_ms_per_request"], "", "<= 0.15 ms"),
-        (f"{s['count']} streams: first chunk p50 (ms)", s["direct_first_p50_ms"],
-         s["proxy_first_p50_ms"], f"+{s['proxy_first_p50_ms'] - s['direct_first_p50_ms']:.2f} ms",
-         "added <= 40 ms"),
-        (f"{s['count']} streams: first chunk p99 (ms)", s["direct_first_p99_ms"],
-         s["proxy_first_p99_ms"], f"+{s['proxy_first_p99_ms'] - s['direct_first_p99_ms']:.2f} ms",
-         ""),
-        (f"{s['count']} streams: total p50 (ms)", s["direct_total_p50_ms"],
-         s["proxy_total_p50_ms"], f"+{s['proxy_total_p50_ms'] - s['direct_total_p50_ms']:.2f} ms",
-         ""),
+        (
+            f"{s['count']} streams: first chunk p50 (ms)",
+            s["direct_first_p50_ms"],
+            s["proxy_first_p50_ms"],
+            f"+{s['proxy_first_p50_ms'] - s['direct_first_p50_ms']:.2f} ms",
+            "added <= 40 ms",
+        ),
+        (
+            f"{s['count']} streams: first chunk p99 (ms)",
+            s["direct_first_p99_ms"],
+            s["proxy_first_p99_ms"],
+            f"+{s['proxy_first_p99_ms'] - s['direct_first_p99_ms']:.2f} ms",
+            "",
+        ),
+        (
+            f"{s['count']} streams: total p50 (ms)",
+            s["direct_total_p50_ms"],
+            s["proxy_total_p50_ms"],
+            f"+{s['proxy_total_p50_ms'] - s['direct_total_p50_ms']:.2f} ms",
+            "",
+        ),
         ("proxy CPU ms/stream", None, s["proxy_cpu_ms_per_stream"], "", "<= 0.8 ms"),
         ("streams byte-correct", None, f"{s['correct']}/{s['count']}", "", "all"),
         ("proxy peak RSS (MB)", None, r["proxy_peak_rss_mb"], "", "<= 80 MB"),
@@ -340,8 +418,10 @@ def table(r: dict[str, Any]) -> str:
     header = ("metric", "direct", "byok-proxy", "added / ratio", "target")
     body = [tuple(cell(c) if i in (1, 2) else str(c) for i, c in enumerate(row)) for row in rows]
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *body]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *body]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -353,8 +433,10 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args.quick)
     print(table(result))
-    print(f"\nmachine: {result['machine']['cpu']}, {result['machine']['cpus']} CPUs, "
-          f"Python {result['machine']['python']}")
+    print(
+        f"\nmachine: {result['machine']['cpu']}, {result['machine']['cpus']} CPUs, "
+        f"Python {result['machine']['python']}"
+    )
     path = Path(args.json)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

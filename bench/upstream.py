@@ -19,28 +19,46 @@ from urllib.parse import parse_qs, urlsplit
 
 import httptools
 
-COMPLETION = json.dumps({
-    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there!"},
-                 "finish_reason": "stop", "logprobs": None}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16},
-}, separators=(",", ":")).encode()
-MODELS = b'{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1,' \
-         b'"owned_by":"openai"}]}'
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello there!"},
+                "finish_reason": "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16},
+    },
+    separators=(",", ":"),
+).encode()
+MODELS = (
+    b'{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1,'
+    b'"owned_by":"openai"}]}'
+)
 
 
 def chunk_bytes(i: int, with_usage: bool) -> bytes:
     """The i-th SSE event of a stream."""
     usage = ',"usage":null' if with_usage else ""
-    return (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
-            b'"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"tok%d "},'
-            b'"finish_reason":null}]%s}\n\n' % (i, usage.encode()))
+    return (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
+        b'"model":"gpt-4o-mini","choices":[{"index":0,"delta":{"content":"tok%d "},'
+        b'"finish_reason":null}]%s}\n\n' % (i, usage.encode())
+    )
 
 
 def usage_chunk(chunks: int) -> bytes:
-    return (b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
-            b'"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":12,'
-            b'"completion_tokens":%d,"total_tokens":%d}}\n\n' % (chunks, chunks + 12))
+    return (
+        b'data: {"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1,'
+        b'"model":"gpt-4o-mini","choices":[],"usage":{"prompt_tokens":12,'
+        b'"completion_tokens":%d,"total_tokens":%d}}\n\n' % (chunks, chunks + 12)
+    )
 
 
 def stream_bytes(chunks: int, with_usage: bool) -> bytes:
@@ -103,7 +121,8 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"x-request-id: req-bench\r\nopenai-processing-ms: 1\r\n\r\n%s" % (len(body), body))
+            b"x-request-id: req-bench\r\nopenai-processing-ms: 1\r\n\r\n%s" % (len(body), body)
+        )
 
     async def _stream(self, chunks: int, interval: float, with_usage: bool) -> None:
         transport = self.transport
@@ -112,8 +131,10 @@ class _Conn(asyncio.Protocol):
         def write(data: bytes) -> None:
             transport.write(b"%x\r\n%s\r\n" % (len(data), data))
 
-        transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                        b"transfer-encoding: chunked\r\nx-request-id: req-bench\r\n\r\n")
+        transport.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\nx-request-id: req-bench\r\n\r\n"
+        )
         try:
             for i in range(chunks):
                 if i:

@@ -1,0 +1,31 @@
+"""The benchmark command runs (a seconds-long smoke run; the benchmark itself is not a test)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+
+def test_bench_quick_runs(tmp_path: Path) -> None:
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["streams"]["correct"] == report["streams"]["count"]
+    assert report["streams"]["direct_correct"] == report["streams"]["count"]
+    assert report["scale"]["errors"] == 0 and report["c64"]["errors"] == 0
+    assert report["c64"]["proxy_rps"] > 0 and "latency c=1 p50" in result.stdout
