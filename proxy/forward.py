@@ -47,6 +47,7 @@ log = logging.getLogger("byok.proxy")
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _MAX_ERROR_BODY = 64 * 1024
 _WATCH_AFTER = 0.05  # seconds
+_WHOLE_BODY_BYTES = 256 * 1024  # plain responses up to this size are sent in one piece
 
 
 class _ClientGone(Exception):
@@ -96,6 +97,14 @@ def _quota_exceeded(body: bytes) -> bool:
         error.get("code"),
         error.get("type"),
     )
+
+
+def _upstream_error(exc: BaseException) -> ProxyError:
+    """Our error for a failed upstream exchange (504 on a timeout, else 502)."""
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamTimeout()
+    log.warning("upstream unreachable: %s", type(exc).__name__)
+    return UpstreamUnreachable()
 
 
 async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
@@ -239,11 +248,8 @@ class Forwarder:
                 response = await self.client.request(
                     scope["method"], url, headers=headers, data=body, allow_redirects=False
                 )
-            except (TimeoutError, aiohttp.ServerTimeoutError):
-                raise UpstreamTimeout() from None
-            except aiohttp.ClientError as exc:
-                log.warning("upstream unreachable: %s", type(exc).__name__)
-                raise UpstreamUnreachable() from None
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _upstream_error(exc) from None
             record.ttfb_ms = round((time.perf_counter() - record.started) * 1000, 3)
             record.upstream_status = response.status
             if watcher is None:
@@ -317,18 +323,29 @@ class Forwarder:
             return
 
         sse = response.content_type == "text/event-stream"
+        headers = response_headers(
+            response.raw_headers, rid_header, body_changed=strip_usage and sse
+        )
+        record.status = status
+        size = response.content_length
+        if not sse and size is not None and size <= _WHOLE_BODY_BYTES:
+            # A small body: read it, then answer in one go (one send instead of three;
+            # an upstream failure while reading still becomes a clean 502/504).
+            try:
+                data = await response.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _upstream_error(exc) from None
+            whole = JSONTail(response.headers.get("Content-Encoding"))
+            whole.feed(data)
+            record.usage = whole.usage()
+            watcher.stop()
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": data})
+            return
+
         scanner = SSEScanner(strip_usage) if sse else None
         tail = None if sse else JSONTail(response.headers.get("Content-Encoding"))
-        record.status = status
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": response_headers(
-                    response.raw_headers, rid_header, body_changed=strip_usage and sse
-                ),
-            }
-        )
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         if sse:
             self.runtime.metrics.open_streams.inc()
         try:
@@ -342,9 +359,8 @@ class Forwarder:
                     tail.feed(block)
                 await send({"type": "http.response.body", "body": block, "more_body": True})
         except (TimeoutError, aiohttp.ClientError) as exc:
-            timeout = isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError)
-            record.error_code = "upstream_timeout" if timeout else "upstream_unreachable"
-            log.warning("upstream failed mid-response: %s", type(exc).__name__)
+            # Headers are out: the client sees the connection cut, the usage line the cause.
+            record.error_code = _upstream_error(exc).code
             raise
         finally:
             if sse:
