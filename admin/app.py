@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,9 +21,11 @@ log = logging.getLogger("byok.admin")
 PREFIX = "/api/v1"
 
 
-def error_response(exc: ProxyError) -> Response:
+def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> Response:
     """The one renderer of our errors, in OpenAI's shape."""
-    return Response(exc.render(), status_code=exc.status_code, media_type="application/json")
+    return Response(
+        exc.render(), status_code=exc.status_code, media_type="application/json", headers=headers
+    )
 
 
 async def _proxy_error(_request: Request, exc: Exception) -> Response:
@@ -34,8 +37,8 @@ async def _proxy_error(_request: Request, exc: Exception) -> Response:
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if exc.status_code == 405:
-        return error_response(MethodNotAllowed())
+    if exc.status_code == 405:  # keeps Starlette's Allow header (RFC 9110)
+        return error_response(MethodNotAllowed(), dict(exc.headers or {}))
     if exc.status_code == 404:
         return error_response(NotFound(f"No such route; the admin API lives under {PREFIX}."))
     return error_response(ProxyError(exc.detail, code="http_error"))
@@ -51,21 +54,37 @@ async def _openapi(request: Request) -> Response:
     return JSONResponse(openapi_schema())
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _route(path: str, **handlers: Endpoint) -> Route:
+    """One route per path, dispatching on the method, so a 405's `Allow` lists them all."""
+
+    async def endpoint(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, endpoint, methods=list(handlers))
+
+
 def create_admin_app() -> Starlette:
     """The admin app; its `state.runtime` is set by the serving app's lifespan."""
     t = f"{PREFIX}/tenants"
     routes = [
-        Route(f"{PREFIX}/openapi.json", _openapi, methods=["GET"]),
-        Route(t, tenants.create_tenant, methods=["POST"]),
-        Route(t, tenants.list_tenants, methods=["GET"]),
-        Route(t + "/{tenant_id}", tenants.get_tenant, methods=["GET"]),
-        Route(t + "/{tenant_id}", tenants.update_tenant, methods=["PATCH"]),
-        Route(t + "/{tenant_id}", tenants.delete_tenant, methods=["DELETE"]),
-        Route(t + "/{tenant_id}/openai-key", keys.set_openai_key, methods=["POST"]),
-        Route(t + "/{tenant_id}/openai-key", keys.delete_openai_key, methods=["DELETE"]),
-        Route(t + "/{tenant_id}/api-keys", tenants.issue_api_key, methods=["POST"]),
-        Route(t + "/{tenant_id}/api-keys/{key_id}", tenants.revoke_api_key, methods=["DELETE"]),
-        Route(t + "/{tenant_id}/audit", tenants.list_audit, methods=["GET"]),
+        _route(f"{PREFIX}/openapi.json", GET=_openapi),
+        _route(t, POST=tenants.create_tenant, GET=tenants.list_tenants),
+        _route(
+            t + "/{tenant_id}",
+            GET=tenants.get_tenant,
+            PATCH=tenants.update_tenant,
+            DELETE=tenants.delete_tenant,
+        ),
+        _route(
+            t + "/{tenant_id}/openai-key", POST=keys.set_openai_key, DELETE=keys.delete_openai_key
+        ),
+        _route(t + "/{tenant_id}/api-keys", POST=tenants.issue_api_key),
+        _route(t + "/{tenant_id}/api-keys/{key_id}", DELETE=tenants.revoke_api_key),
+        _route(t + "/{tenant_id}/audit", GET=tenants.list_audit),
     ]
     return Starlette(
         routes=routes,

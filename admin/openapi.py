@@ -145,6 +145,12 @@ def openapi_schema() -> dict[str, Any]:
         "required": False,
         "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
     }
+    # The format rules are checked by hand (to name the rule that failed); the schema
+    # states them for clients and fuzzers: sk-, not sk-admin-, 20-512 of [A-Za-z0-9_-].
+    openai_key_in = OpenAIKeyIn.model_json_schema()
+    openai_key_in["properties"]["api_key"]["pattern"] = (
+        r"^\s*sk-(?!admin-)[A-Za-z0-9_-]{17,509}\s*$"
+    )
     t = "/api/v1/tenants"
     return {
         "openapi": "3.1.0",
@@ -161,7 +167,7 @@ def openapi_schema() -> dict[str, Any]:
                 "AuditEvent": event,
                 "TenantCreate": TenantCreate.model_json_schema(),
                 "TenantUpdate": TenantUpdate.model_json_schema(),
-                "OpenAIKeyIn": OpenAIKeyIn.model_json_schema(),
+                "OpenAIKeyIn": openai_key_in,
             },
         },
         "security": [{"bearer": []}],
@@ -234,7 +240,12 @@ def openapi_schema() -> dict[str, Any]:
             t + "/{tenant_id}/audit": {
                 "get": _op(
                     "The tenant's audit events, newest first (self)",
-                    {**ok(listing("AuditEvent")), **_AUTH_ERRORS, **_NOT_FOUND},
+                    {
+                        **ok(listing("AuditEvent")),
+                        **_AUTH_ERRORS,
+                        **_NOT_FOUND,
+                        "422": _error("limit out of range"),
+                    },
                     params=[_TENANT_ID, limit],
                 ),
             },

@@ -13,7 +13,7 @@ from starlette.responses import JSONResponse, Response
 from admin import audit
 from admin.auth import authorize, runtime_of
 from admin.schemas import TenantCreate, TenantUpdate, read_body, tenant_public
-from proxy.errors import Conflict, NotFound
+from proxy.errors import Conflict, NotFound, ValidationFailed
 from proxy.models import ProxyKey, Tenant, rfc3339, utcnow
 from proxy.security import hash_proxy_key, new_proxy_key
 
@@ -190,8 +190,9 @@ async def list_audit(request: Request) -> Response:
     store = runtime_of(request).store
     tenant_id = request.path_params["tenant_id"]
     limit_text = request.query_params.get("limit", "100")
-    limit = int(limit_text) if limit_text.isdigit() else 100
-    limit = max(1, min(limit, 1000))
+    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+        raise ValidationFailed("limit: an integer from 1 to 1000", param="limit")
+    limit = int(limit_text)
 
     def work() -> list[dict[str, object]]:
         with store.session() as s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import sys
 from collections.abc import Mapping
@@ -271,7 +272,11 @@ def load_config(
         raise ConfigError(
             f"config.yaml: log.level must be DEBUG, INFO, WARNING or ERROR, got {level!r}"
         )
-    platform = env.get("PLATFORM_OPENAI_KEY")
+    platform = (env.get("PLATFORM_OPENAI_KEY") or "").strip()
+    if platform and not re.fullmatch(r"[A-Za-z0-9_-]{20,512}", platform):
+        raise ConfigError(
+            "PLATFORM_OPENAI_KEY is malformed: expected 20 to 512 characters of [A-Za-z0-9_-]"
+        )
     admin_port = admin.get("port")
     return Config(
         keyring=keyring,

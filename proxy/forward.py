@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,7 +40,12 @@ from proxy.errors import (
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX
 from proxy.streaming import JSONTail, SSEScanner, ask_for_usage
-from proxy.upstream import request_headers, response_headers, target_url
+from proxy.upstream import (
+    readable_accept_encoding,
+    request_headers,
+    response_headers,
+    target_url,
+)
 from proxy.usage import UsageRecord
 
 log = logging.getLogger("byok.proxy")
@@ -75,8 +81,10 @@ class _DisconnectWatch:
             self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
-        message = await self._receive()
-        if message["type"] == "http.disconnect" and not self._stopped:
+        # A bodyless request's first message is its (empty) body: keep listening.
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        if not self._stopped:
             self._record.client_disconnected = True
             self._target.cancel()
 
@@ -88,7 +96,12 @@ class _DisconnectWatch:
             self._task.cancel()
 
 
-def _quota_exceeded(body: bytes) -> bool:
+def _quota_exceeded(body: bytes, encoding: str | None) -> bool:
+    if encoding:
+        try:
+            body = zlib.decompress(body, wbits=47)  # gzip or zlib
+        except zlib.error:
+            return False
     try:
         error = json.loads(body).get("error") or {}
     except (ValueError, AttributeError):
@@ -154,6 +167,14 @@ class Forwarder:
         except _ClientGone:
             record.client_disconnected = True
             record.status = record.status or 499
+        except Exception as exc:
+            # Not ours: never a traceback (it could hold request data), never a bare 500.
+            log.error("request %s failed: %s", request_id, type(exc).__name__)
+            error = ProxyError()
+            record.error_code = error.code
+            if record.status is None:  # nothing sent yet: answer in OpenAI's shape
+                record.status = error.status_code
+                await send_error(send, error, (rid_header,))
         finally:
             record.duration_ms = round((time.perf_counter() - record.started) * 1000, 3)
             self.runtime.usage_log.write(record)
@@ -209,6 +230,7 @@ class Forwarder:
         record.key_source = choice.source
 
         body: bytes | AsyncIterator[bytes] | None = None
+        upload_failure: list[Exception] = []
         strip_usage = False
         streamed_body = False
         if has_body:
@@ -217,11 +239,14 @@ class Forwarder:
                 raise _ClientGone()
             chunk = first.get("body", b"")
             if not first.get("more_body"):
+                if len(chunk) > limit:
+                    raise RequestTooLarge(f"Request body over the {limit}-byte limit.")
                 body = chunk
             elif content_type is not None and content_type.startswith(b"application/json"):
                 body = await self._read_all(receive, chunk, limit)
             else:
-                body, streamed_body = self._stream_body(receive, chunk, limit), True
+                body = self._stream_body(receive, chunk, limit, upload_failure)
+                streamed_body = True
             if (
                 isinstance(body, bytes)
                 and content_type is not None
@@ -234,10 +259,7 @@ class Forwarder:
         )
         if streamed_body and length is not None:
             headers.append(("Content-Length", length.decode()))
-        if strip_usage:
-            # We must read the stream to cut the usage chunk: ask for it uncompressed.
-            headers = [h for h in headers if h[0].lower() != "accept-encoding"]
-            headers.append(("Accept-Encoding", "identity"))
+        readable_accept_encoding(headers, identity=record.stream or choice.source == "platform")
 
         task = asyncio.current_task()
         assert task is not None
@@ -249,6 +271,8 @@ class Forwarder:
                     scope["method"], url, headers=headers, data=body, allow_redirects=False
                 )
             except (TimeoutError, aiohttp.ClientError) as exc:
+                if streamed_body and upload_failure:  # the caller's upload, not the upstream
+                    raise upload_failure[0] from None
                 raise _upstream_error(exc) from None
             record.ttfb_ms = round((time.perf_counter() - record.started) * 1000, 3)
             record.upstream_status = response.status
@@ -302,7 +326,7 @@ class Forwarder:
             raise credentials.invalid_key_error(record.tenant_id or "")
         if status == 429:
             error_body = await _read_capped(response)
-            if _quota_exceeded(error_body):
+            if _quota_exceeded(error_body, response.headers.get("Content-Encoding")):
                 raise OpenAIQuotaExceeded(
                     "The OpenAI account behind this key is out of credit (insufficient_quota). "
                     "Add credit or raise the limit in OpenAI billing, or register another key at "
@@ -403,17 +427,23 @@ class Forwarder:
                 return b"".join(chunks)
 
     @staticmethod
-    async def _stream_body(receive: Receive, first: bytes, limit: int) -> AsyncIterator[bytes]:
+    async def _stream_body(
+        receive: Receive, first: bytes, limit: int, failure: list[Exception]
+    ) -> AsyncIterator[bytes]:
+        """The caller's body as it arrives. aiohttp wraps what this raises in a
+        ClientError, so the real cause also goes into `failure`."""
         size = len(first)
         yield first
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGone()
+                failure.append(_ClientGone())
+                raise failure[0]
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise RequestTooLarge(f"Request body over the {limit}-byte limit.")
+                failure.append(RequestTooLarge(f"Request body over the {limit}-byte limit."))
+                raise failure[0]
             if chunk:
                 yield chunk
             if not message.get("more_body"):

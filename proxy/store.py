@@ -33,6 +33,7 @@ _MIGRATIONS = Path(__file__).parent / "migrations"
 HEAD_REVISION = "0001"  # the newest revision in proxy/migrations/versions (a test checks)
 _PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
 _MISS = object()
+_MAX_CACHED = 100_000  # entries per cache; past this it starts over
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,8 @@ class Store:
                 )
             ).first()
         found = Principal(row.tenant_id, row.id) if row else None
+        if len(self._keys) >= _MAX_CACHED:  # unknown keys are cached too: stay bounded
+            self._keys.clear()
         self._keys[digest] = (time.monotonic() + self.cache_ttl, found)
         return found
 
@@ -166,6 +169,8 @@ class Store:
             if row
             else None
         )
+        if len(self._tenants) >= _MAX_CACHED:
+            self._tenants.clear()
         self._tenants[tenant_id] = (time.monotonic() + self.cache_ttl, snap)
         return snap
 

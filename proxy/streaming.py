@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -57,17 +58,31 @@ def ask_for_usage(body: bytes, request: dict[str, Any]) -> tuple[bytes, bool]:
     """Make a streamed chat completion request (`body`, parsed as `request`) ask for usage.
 
     Returns the body to send and True when the client had not asked itself
-    (so the usage chunk must be removed from what it sees).
+    (so the usage chunk must be removed from what it sees). A body this cannot
+    change safely (not UTF-8, or not re-serialisable) goes unchanged.
     """
     options = request.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return body, False
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body, False  # UTF-16/32 JSON: an ASCII splice would corrupt it
     if "stream_options" not in request:
         # Splice rather than re-serialise: every other byte stays the caller's.
         start = body.index(b"{") + 1
         return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:], True
     merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    return json.dumps({**request, "stream_options": merged}, separators=(",", ":")).encode(), True
+    try:
+        text = json.dumps(
+            {**request, "stream_options": merged},
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        )
+    except ValueError:
+        return body, False
+    return text.encode(), True
 
 
 def _has_usage(data: bytes) -> bool:
@@ -75,13 +90,25 @@ def _has_usage(data: bytes) -> bool:
 
 
 def _event_json(event: bytes) -> Any:
-    lines = [line[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")]
+    lines = [
+        line.rstrip(b"\r")[5:].lstrip() for line in event.split(b"\n") if line.startswith(b"data:")
+    ]
     if not lines:
         return None
     try:
         return json.loads(b"\n".join(lines))
     except ValueError:
         return None
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _last_event_end(data: bytes) -> int:
+    """Index just past the last blank line (event end) in `data`, or -1."""
+    lf = data.rfind(b"\n\n")
+    crlf = data.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
 
 
 class SSEScanner:
@@ -95,13 +122,16 @@ class SSEScanner:
     def feed(self, block: bytes) -> bytes:
         """Take one block from the upstream; return what to send to the client now."""
         data = self._pending + block if self._pending else block
-        cut = data.rfind(b"\n\n")
-        if cut < 0:
-            self._pending = data if len(data) <= _MAX_PENDING else b""
+        end = _last_event_end(data)
+        if end < 0:
+            if len(data) > _MAX_PENDING:  # not SSE as we know it: stop holding, pass it on
+                self._pending = b""
+                return data if self.strip else block
+            self._pending = data
             return b"" if self.strip else block
-        complete, self._pending = data[: cut + 2], data[cut + 2 :]
+        complete, self._pending = data[:end], data[end:]
         if len(self._pending) > _MAX_PENDING:
-            self._pending = b""
+            complete, self._pending = data, b""
         if _has_usage(complete):
             complete = self._take_usage(complete)
         return complete if self.strip else block
@@ -114,8 +144,11 @@ class SSEScanner:
         return rest if self.strip else b""
 
     def _take_usage(self, data: bytes) -> bytes:
-        kept = []
-        for event in data.split(b"\n\n"):
+        parts = _EVENT_END.split(data)  # events, separators kept in between
+        seps = _EVENT_END.findall(data)
+        out = []
+        for i, event in enumerate(parts):
+            sep = seps[i] if i < len(seps) else b""
             if _has_usage(event):
                 obj = _event_json(event)
                 if isinstance(obj, dict):
@@ -126,9 +159,9 @@ class SSEScanner:
                     if usage is not None:
                         self.usage = usage
                         if self.strip and obj.get("choices") == []:
-                            continue
-            kept.append(event)
-        return b"\n\n".join(kept)
+                            continue  # the usage-only chunk, with its blank line
+            out.append(event + sep)
+        return b"".join(out)
 
 
 class JSONTail:

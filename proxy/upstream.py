@@ -55,6 +55,8 @@ def make_client(config: UpstreamConfig) -> aiohttp.ClientSession:
 
 def target_url(base_url: str, raw_path: bytes, query: bytes) -> URL:
     """The upstream URL for a `/v1/...` request target; 400 for anything that could escape."""
+    if not raw_path.startswith(b"/v1/"):
+        raise BadRequest("The request path must start with /v1/.", code="invalid_path")
     rest = raw_path[4:]  # after b"/v1/"
     if (b"%" in rest or b"\\" in rest or b"." in rest) and (
         _SUSPICIOUS.search(rest) or any(seg in (b".", b"..") for seg in rest.split(b"/"))
@@ -88,6 +90,30 @@ def request_headers(
     ]
     out.append(("Authorization", authorization))
     return out
+
+
+_READABLE = frozenset({"gzip", "deflate", "identity"})
+
+
+def readable_accept_encoding(headers: list[tuple[str, str]], *, identity: bool) -> None:
+    """Narrow `Accept-Encoding` (in place) to codings the proxy can read for usage.
+
+    The proxy must find `usage` in every response (it bills the platform key and
+    feeds the usage log), and it reads gzip and deflate, not br or zstd. With
+    `identity=True` (streams, the platform key) it asks for no compression.
+    """
+    for i, (name, value) in enumerate(headers):
+        if name.lower() == "accept-encoding":
+            if identity:
+                headers[i] = (name, "identity")
+                continue
+            kept = [
+                t.strip() for t in value.split(",") if t.split(";")[0].strip().lower() in _READABLE
+            ]
+            headers[i] = (name, ", ".join(kept) or "identity")
+            return
+    if identity:
+        headers.append(("Accept-Encoding", "identity"))
 
 
 def response_headers(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import hashlib
 import json
 import struct
@@ -66,6 +67,7 @@ class FakeOpenAI:
     stream_closed: threading.Event = field(default_factory=threading.Event)
     stream_closed_at: float | None = None
     raw_streams: list[bytes] = field(default_factory=list)
+    compress: bool = False  # gzip JSON answers when the request accepts gzip
     revoked: set[str] = field(default_factory=set)
     no_quota: set[str] = field(default_factory=set)
     forbidden: set[str] = field(default_factory=set)
@@ -107,6 +109,8 @@ class FakeOpenAI:
             (b"set-cookie", b"__cf_bm=one; Path=/"),
             (b"set-cookie", b"_cfuvid=two; Path=/"),
         ]
+        if self.compress and "gzip" in (seen.header("accept-encoding") or ""):
+            send = _gzipping(send)
         key = (seen.header("authorization") or "").removeprefix("Bearer ")
         if key in self.revoked:
             return await self._json(
@@ -175,6 +179,8 @@ class FakeOpenAI:
         if model == "slow":
             await asyncio.sleep(3)
 
+        if seen.method == "GET" and path.startswith("/responses/") and "stream=true" in seen.query:
+            return await self._chat_stream(send, headers, {"model": "endless"}, receive)
         if path.startswith("/models"):
             return await self._json(
                 send,
@@ -423,6 +429,30 @@ class FakeOpenAI:
             block = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
             await send({"type": "http.response.body", "body": block, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _gzipping(send: Any) -> Any:
+    """Wrap `send` so a one-piece body goes out gzip-compressed."""
+    start: dict[str, Any] = {}
+
+    async def wrapped(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            start.update(message)
+            return
+        if message.get("more_body") or not start:
+            if start:
+                await send(dict(start))
+                start.clear()
+            await send(message)
+            return
+        body = gzip.compress(message.get("body", b""))
+        headers = [(k, v) for k, v in start["headers"] if k != b"content-length"]
+        headers += [(b"content-encoding", b"gzip"), (b"content-length", str(len(body)).encode())]
+        await send({**start, "headers": headers})
+        start.clear()
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
 
 
 class ServerThread:

@@ -167,7 +167,9 @@ async def test_auth_failures(client: httpx.AsyncClient) -> None:
 async def test_unknown_routes_and_methods(client: httpx.AsyncClient) -> None:
     assert_error(await client.get("/api/v1/nope", headers=ADMIN), 404, "not_found")
     assert_error(await client.get("/nope"), 404, "not_found")
-    assert_error(await client.put("/api/v1/tenants", headers=ADMIN), 405, "method_not_allowed")
+    r = await client.put("/api/v1/tenants", headers=ADMIN)
+    assert_error(r, 405, "method_not_allowed")
+    assert set(r.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
     assert_error(
         await client.post("/api/v1/tenants/acme/audit", headers=ADMIN), 405, "method_not_allowed"
     )
@@ -468,6 +470,9 @@ async def test_audit_newest_first_and_limit(client: httpx.AsyncClient) -> None:
     }
     r = await client.get("/api/v1/tenants/acme/audit?limit=2", headers=ADMIN)
     assert len(r.json()["data"]) == 2
+    for bad in ("0", "1001", "x", "-1"):
+        r = await client.get(f"/api/v1/tenants/acme/audit?limit={bad}", headers=ADMIN)
+        assert assert_error(r, 422, "invalid_request")["param"] == "limit"
     assert_error(await client.get("/api/v1/tenants/ghost/audit", headers=ADMIN), 404, "not_found")
 
 

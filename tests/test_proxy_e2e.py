@@ -295,7 +295,14 @@ def test_no_request_can_steer_the_upstream(stack: Stack) -> None:
     key = stack.tenant("acme")
     before = len(stack.fake.requests)
     port = int(stack.url.rsplit(":", 1)[1])
-    for target in ("/v1/../admin", "/v1/%2e%2e/x", "/v1/files%2F..%2Fx", "/v1/a/./b", "/v1/..%5cx"):
+    for target in (
+        "/v1/../admin",
+        "/v1/%2e%2e/x",
+        "/v1/files%2F..%2Fx",
+        "/v1/a/./b",
+        "/v1/..%5cx",
+        "/v1%2f..%2fx",
+    ):
         conn = http.client.HTTPConnection("127.0.0.1", port)
         conn.request("GET", target, headers={"Authorization": f"Bearer {key}"})
         response = conn.getresponse()
@@ -326,3 +333,19 @@ def test_embeddings_base64_roundtrip(stack: Stack) -> None:
     assert base64.b64decode(r.json()["data"][0]["embedding"])
     assert r.json()["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
     assert USAGE["total_tokens"] == 18
+
+
+def test_disconnect_noticed_on_a_bodyless_stream(stack: Stack) -> None:
+    key = stack.tenant("acme")
+    with httpx.stream(
+        "GET",
+        stack.url + "/v1/responses/resp_1?stream=true",
+        headers={"Authorization": f"Bearer {key}"},
+    ) as r:
+        for _ in r.iter_raw():
+            break
+        closed_at = __import__("time").monotonic()
+    assert stack.fake.stream_closed.wait(5)
+    assert stack.fake.stream_closed_at is not None
+    assert stack.fake.stream_closed_at - closed_at < 1.0
+    assert stack.usage(1)[-1]["client_disconnected"] is True

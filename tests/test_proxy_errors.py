@@ -203,3 +203,103 @@ def test_unknown_routes_outside_v1(stack: Stack) -> None:
     key = stack.tenant("acme")
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=stack.url + "/v2", api_key=key, max_retries=0).models.list()
+
+
+def test_compressed_quota_error_is_still_recognised(stack: Stack) -> None:
+    key = stack.tenant("acme")
+    stack.fake.compress = True
+    stack.fake.no_quota.add(TENANT_KEY)
+    expect(openai.APIStatusError, 402, "openai_quota_exceeded", chat, stack.sdk(key))
+
+
+def test_compressed_answers_still_count_tokens(stack: Stack) -> None:
+    key = stack.tenant("trial-co", tier="trial", key=None)
+    stack.fake.compress = True
+    import httpx
+
+    r = httpx.post(
+        stack.url + "/v1/chat/completions",
+        json={"model": "m", "messages": []},
+        headers={"Authorization": f"Bearer {key}", "Accept-Encoding": "br, gzip"},
+    )
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 18
+    # The platform key's requests are asked for uncompressed answers, so usage is readable.
+    assert stack.fake.requests[-1].header("accept-encoding") == "identity"
+    assert stack.usage(1)[-1]["total_tokens"] == 18
+
+
+def test_accept_encoding_narrowed_to_readable_codings(stack: Stack) -> None:
+    import httpx
+
+    key = stack.tenant("acme")
+    stack.fake.compress = True
+    r = httpx.post(
+        stack.url + "/v1/embeddings",
+        json={"model": "m", "input": "x"},
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Accept-Encoding": "br, gzip;q=0.9, zstd, deflate",
+        },
+    )
+    assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
+    assert stack.fake.requests[-1].header("accept-encoding") == "gzip;q=0.9, deflate"
+    assert stack.usage(1)[-1]["total_tokens"] == 5  # read from the gzipped body
+    with httpx.stream(
+        "POST",
+        stack.url + "/v1/chat/completions",
+        json={"model": "m", "messages": [], "stream": True},
+        headers={"Authorization": f"Bearer {key}", "Accept-Encoding": "gzip"},
+    ) as s:
+        s.read()
+    assert stack.fake.requests[-1].header("accept-encoding") == "identity"
+
+
+def test_chunked_upload_over_the_limit_is_413(tmp_path: Path, master_key: str) -> None:
+    import httpx
+
+    stack = Stack(
+        tmp_path,
+        f"sqlite:///{tmp_path / 'e2e.db'}",
+        master_key,
+        yaml="limits:\n  max_body_bytes: 100000\n",
+    )
+    try:
+        key = stack.tenant("acme")
+
+        def chunks():  # type: ignore[no-untyped-def]
+            for _ in range(50):
+                yield b"x" * 10_000
+
+        r = httpx.post(
+            stack.url + "/v1/files",
+            content=chunks(),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/octet-stream"},
+        )
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        one = httpx.post(
+            stack.url + "/v1/files",
+            content=iter([b"y" * 150_000]),
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
+        assert one.status_code == 413
+        lines = stack.usage(2)
+        assert [x["error_code"] for x in lines[-2:]] == ["request_too_large"] * 2
+    finally:
+        stack.close()
+
+
+def test_unexpected_failure_is_an_openai_shaped_500(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = stack.tenant("acme")
+    store = stack.apps[0].runtime.store
+
+    async def broken(_key: str) -> None:
+        raise RuntimeError("database exploded: " + key)
+
+    store.principal_async = broken
+    err = expect(openai.InternalServerError, 500, "internal_error", chat, stack.sdk(key))
+    assert key not in str(err.body)
+    assert "RuntimeError" in caplog.text and key not in caplog.text
+    line = stack.usage(1)[-1]
+    assert (line["status"], line["error_code"]) == (500, "internal_error")

@@ -372,3 +372,48 @@ def test_usage_command(tmp_path: Path) -> None:
         timeout=30,
     )
     assert missing.returncode == 1 and "cannot read" in missing.stderr
+
+
+CRLF_CHUNK = CHUNK.replace(b"\n", b"\r\n")
+CRLF_USAGE = USAGE_CHUNK.replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize("size", [1, 9, 10_000])
+def test_sse_scanner_handles_crlf_events(size: int) -> None:
+    stream = CRLF_CHUNK * 2 + CRLF_USAGE + DONE.replace(b"\n", b"\r\n")
+    scanner = SSEScanner(strip_usage_chunk=True)
+    out = b"".join(scanner.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+    out += scanner.finish()
+    assert out == CRLF_CHUNK * 2 + DONE.replace(b"\n", b"\r\n")
+    assert scanner.usage == Usage(3, 4, 7)
+
+
+def test_sse_scanner_never_drops_what_it_cannot_parse() -> None:
+    scanner = SSEScanner(strip_usage_chunk=True)
+    blob = b"x" * (1024 * 1024 + 10)  # no event boundary anywhere
+    out = b"".join(scanner.feed(blob[i : i + 65536]) for i in range(0, len(blob), 65536))
+    assert out + scanner.finish() == blob
+
+
+def test_ask_for_usage_leaves_unsafe_bodies_alone() -> None:
+    utf16 = '{"stream":true,"model":"m"}'.encode("utf-16")
+    assert ask_for_usage(utf16, json.loads(utf16)) == (utf16, False)
+    nan = b'{"stream":true,"stream_options":null,"temperature":1e999}'
+    assert ask_for_usage(nan, json.loads(nan)) == (nan, False)
+    unicode = '{"stream":true,"stream_options":null,"messages":"h\u00e9"}'.encode()
+    sent, strip = ask_for_usage(unicode, json.loads(unicode))
+    assert strip and json.loads(sent)["messages"] == "h\u00e9"
+
+
+def test_store_caches_stay_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import store as store_module
+    from proxy.store import Store, migrate
+
+    monkeypatch.setattr(store_module, "_MAX_CACHED", 10)
+    store = Store.connect(f"sqlite:///{tmp_path / 'c.db'}")
+    migrate(store.engine)
+    for i in range(35):
+        assert store.principal(f"byok-random-{i}") is None
+        assert store.tenant(f"t{i}") is None
+    assert len(store._keys) <= 10 and len(store._tenants) <= 10
+    store.dispose()
