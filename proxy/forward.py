@@ -6,9 +6,10 @@ of the response for usage (see `proxy.streaming`). Bodies stream both ways;
 only JSON request bodies are read whole (they are small, and `model`/`stream`
 come from them).
 
-A task watches the client connection; when the client goes away, the request
-is cancelled and the upstream response closed in a `finally` at once (the
-tenant pays for every token generated after that).
+The caller's side (body within the limit, disconnect watch) is in
+`proxy.downstream`; when the caller goes away, the request is cancelled and
+the upstream response closed in a `finally` at once (the tenant pays for
+every token generated after that).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import logging
 import time
 import zlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 from starlette.concurrency import run_in_threadpool
@@ -27,13 +27,19 @@ from starlette.concurrency import run_in_threadpool
 from proxy import credentials
 from proxy.asgi import Receive, Scope, Send, send_error
 from proxy.credentials import Credential
+from proxy.downstream import (
+    ClientGone,
+    DisconnectWatch,
+    read_all,
+    stream_body,
+    too_large,
+)
 from proxy.errors import (
     InvalidProxyKey,
     KeyDecryptionFailed,
     OpenAIQuotaExceeded,
     PlatformKeyRejected,
     ProxyError,
-    RequestTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -52,48 +58,7 @@ log = logging.getLogger("byok.proxy")
 
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _MAX_ERROR_BODY = 64 * 1024
-_WATCH_AFTER = 0.05  # seconds
 _WHOLE_BODY_BYTES = 256 * 1024  # plain responses up to this size are sent in one piece
-
-
-class _ClientGone(Exception):
-    """The client disconnected; stop everything for this request."""
-
-
-class _DisconnectWatch:
-    """Cancels the request's task when the client disconnects, until stopped.
-
-    The watching task starts only once a request has lasted `_WATCH_AFTER`
-    seconds: quick requests (most non-streamed ones) never pay for a task, and
-    a client that leaves a long request is still noticed within that delay.
-    """
-
-    def __init__(self, receive: Receive, task: asyncio.Task[Any], record: UsageRecord) -> None:
-        self._receive = receive
-        self._target = task
-        self._record = record
-        self._stopped = False
-        self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(_WATCH_AFTER, self._start)
-
-    def _start(self) -> None:
-        if not self._stopped:
-            self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        # A bodyless request's first message is its (empty) body: keep listening.
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        if not self._stopped:
-            self._record.client_disconnected = True
-            self._target.cancel()
-
-    def stop(self) -> None:
-        """Stop watching (before the last message is sent: uvicorn then reports a disconnect)."""
-        self._stopped = True
-        self._timer.cancel()
-        if self._task is not None:
-            self._task.cancel()
 
 
 def _quota_exceeded(body: bytes, encoding: str | None) -> bool:
@@ -164,7 +129,7 @@ class Forwarder:
             record.status, record.error_code = exc.status_code, exc.code
             if not record.client_disconnected:
                 await send_error(send, exc, (rid_header,))
-        except _ClientGone:
+        except ClientGone:
             record.client_disconnected = True
             record.status = record.status or 499
         except Exception as exc:
@@ -217,7 +182,7 @@ class Forwarder:
         )
         limit = self.config.max_body_bytes
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise RequestTooLarge(f"Request body over the {limit}-byte limit.")
+            raise too_large(limit)
 
         choice = credentials.choose(self.config, self.store, tenant)
         if not isinstance(choice, Credential):
@@ -236,16 +201,16 @@ class Forwarder:
         if has_body:
             first = await receive()
             if first["type"] == "http.disconnect":
-                raise _ClientGone()
+                raise ClientGone()
             chunk = first.get("body", b"")
             if not first.get("more_body"):
                 if len(chunk) > limit:
-                    raise RequestTooLarge(f"Request body over the {limit}-byte limit.")
+                    raise too_large(limit)
                 body = chunk
             elif content_type is not None and content_type.startswith(b"application/json"):
-                body = await self._read_all(receive, chunk, limit)
+                body = await read_all(receive, chunk, limit)
             else:
-                body = self._stream_body(receive, chunk, limit, upload_failure)
+                body = stream_body(receive, chunk, limit, upload_failure)
                 streamed_body = True
             if (
                 isinstance(body, bytes)
@@ -263,7 +228,7 @@ class Forwarder:
 
         task = asyncio.current_task()
         assert task is not None
-        watcher = None if streamed_body else _DisconnectWatch(receive, task, record)
+        watcher = None if streamed_body else DisconnectWatch(receive, task, record)
         response = None
         try:
             try:
@@ -277,14 +242,14 @@ class Forwarder:
             record.ttfb_ms = round((time.perf_counter() - record.started) * 1000, 3)
             record.upstream_status = response.status
             if watcher is None:
-                watcher = _DisconnectWatch(receive, task, record)
+                watcher = DisconnectWatch(receive, task, record)
             await self._respond(
                 response, send, record, choice, tenant.ciphertext, strip_usage, watcher, rid_header
             )
         except asyncio.CancelledError:
             if record.client_disconnected:
                 task.uncancel()
-                raise _ClientGone() from None
+                raise ClientGone() from None
             raise
         finally:
             if watcher is not None:
@@ -307,7 +272,7 @@ class Forwarder:
         choice: Credential,
         ciphertext: str | None,
         strip_usage: bool,
-        watcher: _DisconnectWatch,
+        watcher: DisconnectWatch,
         rid_header: tuple[bytes, bytes],
     ) -> None:
         status = response.status
@@ -410,41 +375,3 @@ class Forwarder:
         if record.stream and method == "POST" and path in _USAGE_PATHS:
             return ask_for_usage(body, request)
         return body, False
-
-    @staticmethod
-    async def _read_all(receive: Receive, first: bytes, limit: int) -> bytes:
-        chunks, size = [first], len(first)
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise RequestTooLarge(f"Request body over the {limit}-byte limit.")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
-
-    @staticmethod
-    async def _stream_body(
-        receive: Receive, first: bytes, limit: int, failure: list[Exception]
-    ) -> AsyncIterator[bytes]:
-        """The caller's body as it arrives. aiohttp wraps what this raises in a
-        ClientError, so the real cause also goes into `failure`."""
-        size = len(first)
-        yield first
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                failure.append(_ClientGone())
-                raise failure[0]
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                failure.append(RequestTooLarge(f"Request body over the {limit}-byte limit."))
-                raise failure[0]
-            if chunk:
-                yield chunk
-            if not message.get("more_body"):
-                return
