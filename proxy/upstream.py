@@ -101,6 +101,7 @@ def readable_accept_encoding(headers: list[tuple[str, str]], *, identity: bool) 
     The proxy must find `usage` in every response (it bills the platform key and
     feeds the usage log), and it reads gzip and deflate, not br or zstd. With
     `identity=True` (streams, the platform key) it asks for no compression.
+    A request without the header is left without it (nothing is added).
     """
     for i, (name, value) in enumerate(headers):
         if name.lower() == "accept-encoding":
@@ -112,8 +113,6 @@ def readable_accept_encoding(headers: list[tuple[str, str]], *, identity: bool) 
             ]
             headers[i] = (name, ", ".join(kept) or "identity")
             return
-    if identity:
-        headers.append(("Accept-Encoding", "identity"))
 
 
 def response_headers(

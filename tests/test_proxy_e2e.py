@@ -349,3 +349,29 @@ def test_disconnect_noticed_on_a_bodyless_stream(stack: Stack) -> None:
     assert stack.fake.stream_closed_at is not None
     assert stack.fake.stream_closed_at - closed_at < 1.0
     assert stack.usage(1)[-1]["client_disconnected"] is True
+
+
+def test_nothing_added_to_a_bare_request(stack: Stack) -> None:
+    """A request with only what HTTP needs reaches the upstream with only that (plus the key)."""
+    import http.client
+
+    key = stack.tenant("acme")
+    port = int(stack.url.rsplit(":", 1)[1])
+    for body in (None, b'{"model":"m","messages":[],"stream":true}'):
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        conn.putrequest(
+            "POST" if body else "GET",
+            "/v1/chat/completions" if body else "/v1/models",
+            skip_host=False,
+            skip_accept_encoding=True,
+        )
+        conn.putheader("Authorization", f"Bearer {key}")
+        if body:
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        assert conn.getresponse().read()
+        conn.close()
+        names = sorted(name for name, _ in stack.fake.requests[-1].headers)
+        expected = ["authorization", "host"] + (["content-length", "content-type"] if body else [])
+        assert names == sorted(expected)
