@@ -16,6 +16,7 @@ import httpx
 import pytest
 import sqlalchemy
 from helpers import make_config
+from stack import Stack
 
 from proxy.app import ByokApp, create_app
 from proxy.config import Config
@@ -77,3 +78,10 @@ async def client(app: ByokApp) -> AsyncIterator[httpx.AsyncClient]:
     transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 4711))
     async with httpx.AsyncClient(transport=transport, base_url="http://proxy.test") as c:
         yield c
+
+
+@pytest.fixture
+def stack(tmp_path: Path, master_key: str) -> Iterator[Stack]:
+    """The real proxy on a free port in front of the fake OpenAI, on a fresh SQLite file."""
+    with Stack.sqlite(tmp_path, master_key) as s:
+        yield s

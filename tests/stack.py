@@ -64,6 +64,17 @@ class Stack:
         self.urls.append(f"http://127.0.0.1:{server.port}")
         return self.urls[-1]
 
+    @classmethod
+    def sqlite(cls, tmp: Path, master_key: str, **kw: Any) -> Stack:
+        """A stack on a fresh SQLite file in `tmp`."""
+        return cls(tmp, f"sqlite:///{tmp / 'e2e.db'}", master_key, **kw)
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self.admin.close()
         self.exits.close()

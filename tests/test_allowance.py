@@ -20,8 +20,7 @@ from stack import Stack
 def test_allowance_shared_by_two_replicas(
     tmp_path: Path, database_url: str, master_key: str, yaml: str, allowed: int
 ) -> None:
-    stack = Stack(tmp_path, database_url, master_key, yaml=yaml)
-    try:
+    with Stack(tmp_path, database_url, master_key, yaml=yaml) as stack:
         stack.add_replica()
         key = stack.tenant("trial-co", tier="trial", key=None)
         outcomes = []
@@ -36,21 +35,16 @@ def test_allowance_shared_by_two_replicas(
                 outcomes.append("refused")
         assert outcomes == ["ok"] * allowed + ["refused"] * (6 - allowed)
         assert sum(r.path == "/v1/chat/completions" for r in stack.fake.requests) == allowed
-    finally:
-        stack.close()
 
 
 def test_pro_tier_never_falls_back(tmp_path: Path, master_key: str) -> None:
-    stack = Stack(tmp_path, f"sqlite:///{tmp_path / 'a.db'}", master_key)
-    try:
+    with Stack.sqlite(tmp_path, master_key) as stack:
         for tier in ("pro", "enterprise"):
             key = stack.tenant(f"{tier}-co", tier=tier, key=None)
             with pytest.raises(openai.APIStatusError) as info:
                 stack.sdk(key).chat.completions.create(model="m", messages=[])
             assert info.value.status_code == 402
         assert not any(r.path == "/v1/chat/completions" for r in stack.fake.requests)
-    finally:
-        stack.close()
 
 
 def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_key: str) -> None:

@@ -6,11 +6,9 @@ import json
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from fake_openai import STREAM_CHUNKS, start_fake
 from helpers import ADMIN_TOKEN
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,13 +32,6 @@ def requests_count(text: str, tenant: str, status: str, path: str) -> float:
 
 def tokens_count(text: str, tenant: str, kind: str) -> float:
     return samples(text).get(("byok_tokens_total", (("kind", kind), ("tenant", tenant))), 0.0)
-
-
-@pytest.fixture
-def stack(tmp_path: Path, master_key: str) -> Iterator[Stack]:
-    s = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key)
-    yield s
-    s.close()
 
 
 def test_health_and_readiness(stack: Stack) -> None:
@@ -99,19 +90,13 @@ def test_metrics_move_with_requests(stack: Stack) -> None:
 
 
 def test_metrics_can_require_the_admin_token(tmp_path: Path, master_key: str) -> None:
-    stack = Stack(
-        tmp_path,
-        f"sqlite:///{tmp_path / 'm.db'}",
-        master_key,
-        yaml="metrics:\n  require_admin_token: true\n",
-    )
-    try:
+    with Stack.sqlite(
+        tmp_path, master_key, yaml="metrics:\n  require_admin_token: true\n"
+    ) as stack:
         r = httpx.get(stack.url + "/metrics")
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
         r = httpx.get(stack.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
         assert r.status_code == 200
-    finally:
-        stack.close()
 
 
 def _serve_env(tmp_path: Path, master_key: str, database_url: str, upstream: str) -> dict[str, str]:

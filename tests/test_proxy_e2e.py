@@ -10,21 +10,12 @@ import asyncio
 import base64
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import httpx2
 import openai
-import pytest
 from fake_openai import STREAM_CHUNKS, USAGE
 from stack import TENANT_KEY, Stack
-
-
-@pytest.fixture
-def stack(tmp_path: Path, master_key: str) -> Iterator[Stack]:
-    s = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key)
-    yield s
-    s.close()
 
 
 def assert_tenant_key_only(stack: Stack, proxy_key: str) -> None:

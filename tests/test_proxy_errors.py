@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -12,13 +11,6 @@ from servers import free_port
 from stack import PLATFORM_KEY, TENANT_KEY, Stack
 
 OTHER = "sk-test-SECONDkeyabcdefghijklmnopqrstuvwxyz123456"
-
-
-@pytest.fixture
-def stack(tmp_path: Path, master_key: str) -> Iterator[Stack]:
-    s = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key)
-    yield s
-    s.close()
 
 
 def chat(client: openai.OpenAI, model: str = "gpt-4o-mini", **kw: object) -> object:
@@ -111,36 +103,21 @@ def test_rate_limit_passes_through(stack: Stack) -> None:
 
 def test_upstream_unreachable(tmp_path: Path, master_key: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}/v1"
-    stack = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key, upstream=dead)
-    try:
+    with Stack.sqlite(tmp_path, master_key, upstream=dead) as stack:
         key = stack.tenant("acme", tier="trial", key=None)  # platform fallback: no validation
         expect(openai.APIStatusError, 502, "upstream_unreachable", chat, stack.sdk(key))
-    finally:
-        stack.close()
 
 
 def test_upstream_timeout(tmp_path: Path, master_key: str) -> None:
-    stack = Stack(
-        tmp_path,
-        f"sqlite:///{tmp_path / 'e2e.db'}",
-        master_key,
-        yaml="upstream:\n  read_timeout_seconds: 0.5\n",
-    )
-    try:
+    with Stack.sqlite(
+        tmp_path, master_key, yaml="upstream:\n  read_timeout_seconds: 0.5\n"
+    ) as stack:
         key = stack.tenant("acme")
         expect(openai.APIStatusError, 504, "upstream_timeout", chat, stack.sdk(key), "slow")
-    finally:
-        stack.close()
 
 
 def test_request_too_large(tmp_path: Path, master_key: str) -> None:
-    stack = Stack(
-        tmp_path,
-        f"sqlite:///{tmp_path / 'e2e.db'}",
-        master_key,
-        yaml="limits:\n  max_body_bytes: 2000\n",
-    )
-    try:
+    with Stack.sqlite(tmp_path, master_key, yaml="limits:\n  max_body_bytes: 2000\n") as stack:
         key = stack.tenant("acme")
         client = stack.sdk(key)
         with pytest.raises(openai.APIStatusError) as info:
@@ -153,8 +130,6 @@ def test_request_too_large(tmp_path: Path, master_key: str) -> None:
             client.files.create(file=("big.bin", b"x" * 5000), purpose="batch")
         assert info.value.status_code == 413
         assert not any(r.path in ("/v1/files", "/v1/chat/completions") for r in stack.fake.requests)
-    finally:
-        stack.close()
 
 
 def test_key_decryption_failed(stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
@@ -257,13 +232,7 @@ def test_accept_encoding_narrowed_to_readable_codings(stack: Stack) -> None:
 def test_chunked_upload_over_the_limit_is_413(tmp_path: Path, master_key: str) -> None:
     import httpx
 
-    stack = Stack(
-        tmp_path,
-        f"sqlite:///{tmp_path / 'e2e.db'}",
-        master_key,
-        yaml="limits:\n  max_body_bytes: 100000\n",
-    )
-    try:
+    with Stack.sqlite(tmp_path, master_key, yaml="limits:\n  max_body_bytes: 100000\n") as stack:
         key = stack.tenant("acme")
 
         def chunks():  # type: ignore[no-untyped-def]
@@ -284,8 +253,6 @@ def test_chunked_upload_over_the_limit_is_413(tmp_path: Path, master_key: str) -
         assert one.status_code == 413
         lines = stack.usage(2)
         assert [x["error_code"] for x in lines[-2:]] == ["request_too_large"] * 2
-    finally:
-        stack.close()
 
 
 def test_unexpected_failure_is_an_openai_shaped_500(

@@ -8,7 +8,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -139,13 +138,6 @@ async def test_usage_log_writes_everything_on_close(tmp_path: Path) -> None:
 # --- every field, end to end ------------------------------------------------------------
 
 
-@pytest.fixture
-def stack(tmp_path: Path, master_key: str) -> Iterator[Stack]:
-    s = Stack(tmp_path, f"sqlite:///{tmp_path / 'e2e.db'}", master_key)
-    yield s
-    s.close()
-
-
 def post(
     stack: Stack, key: str, body: dict[str, object], path: str = "/v1/chat/completions"
 ) -> httpx.Response:
@@ -218,13 +210,7 @@ def test_usage_fields_for_each_kind_of_request(stack: Stack) -> None:
 
 
 def test_usage_fields_upstream_unreachable(tmp_path: Path, master_key: str) -> None:
-    stack = Stack(
-        tmp_path,
-        f"sqlite:///{tmp_path / 'e2e.db'}",
-        master_key,
-        upstream=f"http://127.0.0.1:{free_port()}/v1",
-    )
-    try:
+    with Stack.sqlite(tmp_path, master_key, upstream=f"http://127.0.0.1:{free_port()}/v1") as stack:
         key = stack.tenant("t", tier="trial", key=None)
         r = post(stack, key, {"model": "gpt-4o-mini", "messages": []})
         assert r.status_code == 502
@@ -235,8 +221,6 @@ def test_usage_fields_upstream_unreachable(tmp_path: Path, master_key: str) -> N
             None,
         )
         assert line["key_source"] == "platform" and line["model"] == "gpt-4o-mini"
-    finally:
-        stack.close()
 
 
 # --- the summary ------------------------------------------------------------------------
