@@ -17,7 +17,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from starlette.concurrency import run_in_threadpool
 
 from admin.app import create_admin_app
@@ -69,9 +68,6 @@ class ByokApp:
         config = self.config
         store = Store.connect(config.database_url, config.cache_ttl_seconds)
         await run_in_threadpool(migrate, store.engine)
-        validation_client = httpx.AsyncClient(
-            timeout=httpx.Timeout(config.upstream.validation_timeout), follow_redirects=False
-        )
         upstream_client = make_client(config.upstream)
         usage_log = UsageLog(config.usage_log)
         await usage_log.start()
@@ -79,7 +75,6 @@ class ByokApp:
             config=config,
             store=store,
             vault=Vault(config.keyring, store.load_ciphertext),
-            validation_client=validation_client,
             usage_log=usage_log,
             metrics=Metrics(),
         )
@@ -94,7 +89,7 @@ class ByokApp:
         finally:
             self.runtime = None
             await upstream_client.close()
-            await validation_client.aclose()
+            await runtime.aclose()
             await usage_log.close()
             store.dispose()
 

@@ -89,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server_header=False,
         date_header=False,
         access_log=False,  # the usage log has one line per request, with more in it
+        ws="none",  # no websockets here; loading the library costs memory
         proxy_headers=False,  # X-Forwarded-* from callers are not trusted
     )
     return 0
@@ -117,6 +118,7 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
         port=port,
         log_level=log_level.lower(),
         server_header=False,
+        ws="none",
     )
 
 

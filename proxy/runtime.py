@@ -6,7 +6,7 @@ global, so two apps (tests, a separate admin listener) never share state.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -24,9 +24,25 @@ class Runtime:
     config: Config
     store: Store
     vault: Vault
-    validation_client: httpx.AsyncClient
     usage_log: UsageLog
     metrics: Metrics
+    _validation_client: httpx.AsyncClient | None = field(default=None, repr=False)
+
+    @property
+    def validation_client(self) -> httpx.AsyncClient:
+        """The client of key validation, made on first use (its TLS setup costs ~7 MB)."""
+        if self._validation_client is None:
+            self._validation_client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.config.upstream.validation_timeout),
+                follow_redirects=False,
+            )
+        return self._validation_client
+
+    async def aclose(self) -> None:
+        """Close what the runtime opened lazily."""
+        if self._validation_client is not None:
+            await self._validation_client.aclose()
+            self._validation_client = None
 
     def __repr__(self) -> str:
         return f"Runtime(store={self.store!r})"
