@@ -35,13 +35,19 @@ class DisconnectWatch:
     a client that leaves a long request is still noticed within that delay.
     """
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any], record: UsageRecord) -> None:
+    def __init__(
+        self,
+        receive: Receive,
+        loop: asyncio.AbstractEventLoop,
+        task: asyncio.Task[Any],
+        record: UsageRecord,
+    ) -> None:
         self._receive = receive
         self._target = task
         self._record = record
         self._stopped = False
         self._task: asyncio.Task[None] | None = None
-        self._timer = asyncio.get_running_loop().call_later(WATCH_AFTER, self._start)
+        self._timer = loop.call_later(WATCH_AFTER, self._start)
 
     def _start(self) -> None:
         if not self._stopped:

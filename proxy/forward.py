@@ -226,9 +226,10 @@ class Forwarder:
             headers.append(("Content-Length", length.decode()))
         readable_accept_encoding(headers, identity=record.stream or choice.source == "platform")
 
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         assert task is not None
-        watcher = None if streamed_body else DisconnectWatch(receive, task, record)
+        watcher = None if streamed_body else DisconnectWatch(receive, loop, task, record)
         response = None
         try:
             try:
@@ -242,7 +243,7 @@ class Forwarder:
             record.ttfb_ms = round((time.perf_counter() - record.started) * 1000, 3)
             record.upstream_status = response.status
             if watcher is None:
-                watcher = DisconnectWatch(receive, task, record)
+                watcher = DisconnectWatch(receive, loop, task, record)
             await self._respond(
                 response, send, record, choice, tenant.ciphertext, strip_usage, watcher, rid_header
             )
