@@ -89,3 +89,28 @@ def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_
     assert sum(r.path == "/v1/chat/completions" for r in fake.requests) == 3
     log = (tmp_path / "serve.log").read_text()
     assert log.count("Started server process") == 2, log
+
+
+def test_revocation_reaches_other_replicas_within_the_ttl(
+    tmp_path: Path, database_url: str, master_key: str
+) -> None:
+    """Revoked through replica 0: refused there at once, on replica 1 within cache_ttl_seconds."""
+    import time
+
+    with Stack(tmp_path, database_url, master_key, yaml="cache_ttl_seconds: 1\n") as stack:
+        stack.add_replica()
+        key = stack.tenant("acme")
+        for replica in (0, 1):  # both replicas now hold the key in their caches
+            stack.sdk(key, replica).chat.completions.create(model="m", messages=[])
+        key_id = stack.admin.get("/api/v1/tenants/acme/audit").json()["data"][-2]["key_hint"]
+        assert stack.admin.delete(f"/api/v1/tenants/acme/api-keys/{key_id}").status_code == 204
+        revoked_at = time.monotonic()
+        with pytest.raises(openai.AuthenticationError):
+            stack.sdk(key, 0).chat.completions.create(model="m", messages=[])
+        while True:
+            try:
+                stack.sdk(key, 1).chat.completions.create(model="m", messages=[])
+            except openai.AuthenticationError:
+                break
+            assert time.monotonic() - revoked_at < 1.5, "replica 1 still honours a revoked key"
+            time.sleep(0.05)
