@@ -458,8 +458,11 @@ def _gzipping(send: Any) -> Any:
 class ServerThread:
     """Runs an ASGI app with uvicorn on a free loopback port, in a thread."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None, *, like_serve: bool = False) -> None:
+        """`like_serve`: uvicorn set up as `byok-proxy serve` does (no Server/Date headers
+        of its own); otherwise it adds them, like a real upstream."""
         self.port = port or free_port()
+        extra = {"server_header": False, "date_header": False, "ws": "none"} if like_serve else {}
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -467,6 +470,7 @@ class ServerThread:
             log_level="warning",
             lifespan="auto",
             timeout_graceful_shutdown=2,
+            **extra,  # type: ignore[arg-type]
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

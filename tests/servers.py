@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,3 +77,19 @@ def serve(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def serving_pids(prom_dir: Path) -> set[int]:
+    """Pids of the workers that have counted a request (prometheus-client multiprocess files)."""
+    return {int(path.stem.rsplit("_", 1)[1]) for path in prom_dir.glob("counter_*.db")}
+
+
+def until_both_workers(prom_dir: Path, request: Callable[[], int], expected: int) -> int:
+    """Send `request` (each on a new connection) until two workers have answered one;
+    each must answer `expected`. Returns how many were sent."""
+    sent = 0
+    while len(serving_pids(prom_dir)) < 2:
+        assert sent < 100, "one worker answered every request"
+        assert request() == expected
+        sent += 1
+    return sent

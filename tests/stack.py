@@ -59,7 +59,7 @@ class Stack:
     def add_replica(self) -> str:
         """Start another proxy process-alike (own app, caches and engine) on the same database."""
         app = create_app(self.config)
-        server = self.exits.enter_context(ServerThread(app))
+        server = self.exits.enter_context(ServerThread(app, like_serve=True))
         self.apps.append(app)
         self.urls.append(f"http://127.0.0.1:{server.port}")
         return self.urls[-1]

@@ -52,7 +52,7 @@ def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_
     import httpx
     from fake_openai import start_fake
     from helpers import ADMIN_TOKEN
-    from servers import free_port, serve
+    from servers import free_port, serve, until_both_workers
     from stack import PLATFORM_KEY
 
     fake, fake_server = start_fake()
@@ -65,7 +65,9 @@ def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_
         "PLATFORM_OPENAI_KEY": PLATFORM_KEY,
         "BYOK_CONFIG": str(tmp_path / "config.yaml"),
         "USAGE_LOG": str(tmp_path / "usage.jsonl"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
     }
+    (tmp_path / "prom").mkdir()
     port = free_port()
     with fake_server, serve(["--workers", "2"], env, tmp_path, port, tmp_path / "serve.log"):
         url = f"http://127.0.0.1:{port}"
@@ -75,16 +77,18 @@ def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         )
         key = r.json()["api_key"]
-        statuses = []
-        for _ in range(8):  # a new connection each time, so both workers take some
-            with httpx.Client() as client:
-                statuses.append(
-                    client.post(
-                        url + "/v1/chat/completions",
-                        json={"model": "m", "messages": []},
-                        headers={"Authorization": f"Bearer {key}"},
-                    ).status_code
-                )
+
+        def chat() -> int:
+            with httpx.Client() as client:  # a new connection each time
+                return client.post(
+                    url + "/v1/chat/completions",
+                    json={"model": "m", "messages": []},
+                    headers={"Authorization": f"Bearer {key}"},
+                ).status_code
+
+        statuses = [chat() for _ in range(8)]
+        # Both workers really answered (allowance spent: every further request is a 402).
+        until_both_workers(tmp_path / "prom", chat, 402)
     assert statuses == [200] * 3 + [402] * 5
     assert sum(r.path == "/v1/chat/completions" for r in fake.requests) == 3
     log = (tmp_path / "serve.log").read_text()

@@ -12,7 +12,7 @@ import httpx
 from fake_openai import STREAM_CHUNKS, start_fake
 from helpers import ADMIN_TOKEN
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, serve
+from servers import free_port, serve, until_both_workers
 from stack import PLATFORM_KEY, Stack
 
 
@@ -115,6 +115,8 @@ def _serve_env(tmp_path: Path, master_key: str, database_url: str, upstream: str
 def test_metrics_add_up_across_workers(tmp_path: Path, database_url: str, master_key: str) -> None:
     fake, fake_server = start_fake()
     env = _serve_env(tmp_path, master_key, database_url, fake.base_url)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
+    (tmp_path / "prom").mkdir()
     port = free_port()
     with fake_server, serve(["--workers", "2"], env, tmp_path, port, tmp_path / "serve.log"):
         url = f"http://127.0.0.1:{port}"
@@ -123,19 +125,20 @@ def test_metrics_add_up_across_workers(tmp_path: Path, database_url: str, master
             json={"name": "T", "tier": "trial", "id": "t"},
             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
         ).json()["api_key"]
-        for _ in range(6):
-            with httpx.Client() as client:  # new connections: both workers answer some
-                assert (
-                    client.get(
-                        url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
-                    ).status_code
-                    == 200
-                )
-        for _ in range(4):  # whichever worker answers the scrape, it reports all six
+
+        def models() -> int:
+            with httpx.Client() as client:  # a new connection each time
+                return client.get(
+                    url + "/v1/models", headers={"Authorization": f"Bearer {key}"}
+                ).status_code
+
+        sent = until_both_workers(tmp_path / "prom", models, 200)
+        for _ in range(4):  # whichever worker answers the scrape, it reports all of them
             with httpx.Client() as client:
-                assert requests_count(client.get(url + "/metrics").text, "t", "200", "models") == 6
+                scrape = client.get(url + "/metrics").text
+                assert requests_count(scrape, "t", "200", "models") == sent
     lines = (tmp_path / "usage.jsonl").read_text().splitlines()
-    assert len(lines) == 6
+    assert len(lines) == sent
 
 
 def test_sigterm_lets_streams_finish(tmp_path: Path, master_key: str) -> None:
