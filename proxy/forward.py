@@ -133,13 +133,15 @@ class Forwarder:
             record.client_disconnected = True
             record.status = record.status or 499
         except Exception as exc:
-            # Not ours: never a traceback (it could hold request data), never a bare 500.
-            log.error("request %s failed: %s", request_id, type(exc).__name__)
-            error = ProxyError()
-            record.error_code = error.code
+            # Never a traceback (it could hold request data), never a bare 500. An upstream
+            # cut mid-response has its code already; returning leaves the response
+            # unfinished, so uvicorn closes the connection and the client sees the cut.
+            if record.error_code is None:
+                log.error("request %s failed: %s", request_id, type(exc).__name__)
+                record.error_code = ProxyError.code
             if record.status is None:  # nothing sent yet: answer in OpenAI's shape
-                record.status = error.status_code
-                await send_error(send, error, (rid_header,))
+                record.status = ProxyError.status_code
+                await send_error(send, ProxyError(), (rid_header,))
         finally:
             record.duration_ms = round((time.perf_counter() - record.started) * 1000, 3)
             self.runtime.usage_log.write(record)

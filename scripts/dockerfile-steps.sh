@@ -34,6 +34,13 @@ done
 python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/healthz', timeout=2)"
 echo "dockerfile steps: installed in $work/venv, served on :$port, healthcheck passed"
 kill -TERM $pid
-wait $pid || true
+rc=0
+wait $pid || rc=$?
+trap - EXIT
+# uvicorn ends a SIGTERM shutdown by re-raising the signal: 143 (128+15) is a clean stop.
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 143 ]; then
+  echo "dockerfile steps: serve exited with $rc" >&2; cat "$work/serve.log" >&2; exit 1
+fi
+grep -q "Finished server process" "$work/serve.log" || { cat "$work/serve.log" >&2; exit 1; }
 ls "$work/data/byok.db" >/dev/null
 echo "dockerfile steps: database at $work/data/byok.db; graceful stop done"

@@ -10,7 +10,9 @@ the caller's key or model:
 - model ``hold`` (streamed) → first chunk, then waits for `release` before the rest;
 - model ``endless`` (streamed) → a chunk every 20 ms until the client goes away,
   recording when it noticed (`stream_closed`);
-- model ``slow`` → waits 3 s before answering.
+- model ``slow`` → waits 3 s before answering;
+- model ``broken`` (streamed) → one chunk, then the connection is cut;
+- path ``/v1/redirect`` → 302 to ``/v1/models``.
 Every response carries two `Set-Cookie` headers, `x-request-id`,
 `openai-processing-ms` and `x-ratelimit-*` headers.
 """
@@ -179,6 +181,9 @@ class FakeOpenAI:
         if model == "slow":
             await asyncio.sleep(3)
 
+        if path == "/redirect":
+            location = f"http://127.0.0.1:{self.port}/v1/models".encode()
+            return await self._json(send, 302, [*headers, (b"location", location)], {})
         if seen.method == "GET" and path.startswith("/responses/") and "stream=true" in seen.query:
             return await self._chat_stream(send, headers, {"model": "endless"}, receive)
         if path.startswith("/models"):
@@ -365,6 +370,8 @@ class FakeOpenAI:
             return
 
         await emit(chunk({"role": "assistant", "content": ""}))
+        if model == "broken":  # the upstream dies mid-stream
+            raise RuntimeError("fake upstream crashed mid-stream")
         if model == "hold":
             self.first_chunk_sent.set()
             while not self.release.is_set():

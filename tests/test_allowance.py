@@ -44,6 +44,8 @@ def test_pro_tier_never_falls_back(tmp_path: Path, master_key: str) -> None:
             with pytest.raises(openai.APIStatusError) as info:
                 stack.sdk(key).chat.completions.create(model="m", messages=[])
             assert info.value.status_code == 402
+            assert isinstance(info.value.body, dict)
+            assert info.value.body["code"] == "openai_key_missing"
         assert not any(r.path == "/v1/chat/completions" for r in stack.fake.requests)
 
 
@@ -118,3 +120,17 @@ def test_revocation_reaches_other_replicas_within_the_ttl(
                 break
             assert time.monotonic() - revoked_at < 1.5, "replica 1 still honours a revoked key"
             time.sleep(0.05)
+
+
+def test_any_tier_can_be_given_the_fallback(tmp_path: Path, master_key: str) -> None:
+    from stack import PLATFORM_KEY
+
+    yaml = "tiers:\n  pro:\n    platform_fallback: true\n    daily_requests: 1\n"
+    with Stack.sqlite(tmp_path, master_key, yaml=yaml) as stack:
+        key = stack.tenant("pro-co", tier="pro", key=None)
+        stack.sdk(key).chat.completions.create(model="m", messages=[])
+        assert stack.fake.requests[-1].header("authorization") == f"Bearer {PLATFORM_KEY}"
+        with pytest.raises(openai.APIStatusError) as info:
+            stack.sdk(key).chat.completions.create(model="m", messages=[])
+        assert isinstance(info.value.body, dict)
+        assert info.value.body["code"] == "trial_quota_exceeded"

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import httpx2
 import openai
+import pytest
 from fake_openai import STREAM_CHUNKS
 from stack import TENANT_KEY, Stack
 
@@ -123,6 +124,18 @@ async def test_async_sdk_plain_and_streamed(stack: Stack) -> None:
     assert text.startswith("tok0 ")
     embedding = await client.embeddings.create(model="text-embedding-3-small", input="x")
     assert embedding.data[0].embedding == [0.25, 0.5, 0.75]
+    response = await client.responses.create(model="gpt-4o-mini", input="hi")
+    assert response.output_text == "Hi there"
+    events = [e async for e in await client.responses.create(model="m", input="hi", stream=True)]
+    assert events[-1].type == "response.completed"
+    models = await client.models.list(extra_query={"limit": "2"})
+    assert [m.id for m in models.data] == ["gpt-4o-mini"]
+    assert stack.fake.requests[-1].query == "limit=2"
+    data = bytes(range(256)) * 64
+    uploaded = await client.files.create(file=("b.jsonl", data), purpose="batch")
+    assert uploaded.object == "file" and data in stack.fake.requests[-1].body
+    text = await client.audio.transcriptions.create(model="whisper-1", file=("a.wav", data))
+    assert text.text == "hello from audio" and data in stack.fake.requests[-1].body
     await client.close()
     assert_tenant_key_only(stack, key)
 
@@ -207,7 +220,10 @@ def test_streamed_multipart_upload_is_identical(stack: Stack) -> None:
         },
     )
     assert r.status_code == 200
-    assert stack.fake.requests[-1].body == payload
+    seen = stack.fake.requests[-1]
+    assert seen.body == payload
+    assert seen.header("transfer-encoding") == "chunked"  # a chunked upload stays chunked
+    assert seen.header("content-length") is None
 
 
 def test_stream_is_not_buffered(stack: Stack) -> None:
@@ -386,3 +402,52 @@ def test_nothing_added_to_a_bare_request(stack: Stack) -> None:
         names = sorted(name for name, _ in stack.fake.requests[-1].headers)
         expected = ["authorization", "host"] + (["content-length", "content-type"] if body else [])
         assert names == sorted(expected)
+
+
+def test_client_gone_before_any_answer_is_499(stack: Stack) -> None:
+    key = stack.tenant("acme")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            stack.url + "/v1/chat/completions",
+            json={"model": "slow", "messages": []},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=0.5,
+        )
+    line = stack.usage(1, timeout=10)[-1]
+    assert (line["status"], line["client_disconnected"]) == (499, True)
+    assert line["upstream_status"] is None and line["ttfb_ms"] is None
+
+
+def test_upstream_cut_mid_stream(stack: Stack) -> None:
+    key = stack.tenant("acme")
+    with pytest.raises(httpx.RemoteProtocolError):  # the client sees the stream cut, too
+        with httpx.stream(
+            "POST",
+            stack.url + "/v1/chat/completions",
+            json={"model": "broken", "messages": [], "stream": True},
+            headers={"Authorization": f"Bearer {key}"},
+        ) as r:
+            assert r.status_code == 200
+            for _ in r.iter_raw():
+                pass
+    line = stack.usage(1)[-1]
+    assert (line["status"], line["upstream_status"]) == (200, 200)
+    assert line["error_code"] == "upstream_unreachable" and line["client_disconnected"] is False
+
+
+def test_redirects_are_passed_back_not_followed(stack: Stack) -> None:
+    key = stack.tenant("acme")
+    before = len(stack.fake.requests)
+    r = httpx.get(stack.url + "/v1/redirect", headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 302 and r.headers["location"].endswith("/v1/models")
+    assert len(stack.fake.requests) == before + 1
+
+
+def test_legacy_completions_stream_asks_for_usage(stack: Stack) -> None:
+    key = stack.tenant("acme")
+    httpx.post(
+        stack.url + "/v1/completions",
+        json={"model": "m", "prompt": "x", "stream": True},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert stack.fake.requests[-1].json["stream_options"] == {"include_usage": True}

@@ -72,6 +72,7 @@ def test_invalid_key_is_marked_and_fails_fast(stack: Stack) -> None:
     assert tenant["openai_key"]["status"] == "invalid"
     events = stack.admin.get("/api/v1/tenants/acme/audit").json()["data"]
     assert (events[0]["action"], events[0]["actor"]) == ("openai_key.invalidated", "system")
+    assert events[0]["key_hint"] == "sk-...7654"  # TENANT_KEY's hint, never the key
 
     upstream_calls = len(stack.fake.requests)
     expect(openai.APIStatusError, 402, "openai_key_invalid", chat, client)
@@ -129,6 +130,7 @@ def test_request_too_large(tmp_path: Path, master_key: str) -> None:
         with pytest.raises(openai.APIStatusError) as info:
             client.files.create(file=("big.bin", b"x" * 5000), purpose="batch")
         assert info.value.status_code == 413
+        assert isinstance(info.value.body, dict) and info.value.body["code"] == "request_too_large"
         assert not any(r.path in ("/v1/files", "/v1/chat/completions") for r in stack.fake.requests)
 
 
@@ -148,6 +150,7 @@ def test_key_decryption_failed(stack: Stack, caplog: pytest.LogCaptureFixture) -
         app.runtime.store.invalidate_tenant("acme")
     expect(openai.InternalServerError, 500, "key_decryption_failed", chat, stack.sdk(key))
     assert "KEY DECRYPTION FAILED for tenant acme" in caplog.text
+    assert TENANT_KEY not in caplog.text
 
 
 def test_trial_fallback_and_platform_key_rejected(stack: Stack) -> None:

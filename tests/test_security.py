@@ -211,3 +211,33 @@ def test_head_revision_matches_the_migrations() -> None:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
     assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
+
+
+def test_rotation_leaves_a_concurrent_change_alone(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key re-registered while rotate-keys runs is kept, not overwritten with the old one."""
+    old, new = generate_master_key(), generate_master_key()
+    store = _store_with_tenants(database_url, Keyring.parse(old))
+    ring = Keyring.parse(f"{new},{old}")
+    fresh = Keyring.parse(new).encrypt(OTHER_KEY, "tenant-a")
+    real_decrypt = Keyring.decrypt
+
+    def decrypt_then_race(self: Keyring, ciphertext: str, tenant_id: str) -> Secret:
+        if tenant_id == "tenant-a":  # the admin API replaces A's key right now
+            with store.session() as s:
+                row = s.get(Tenant, "tenant-a")
+                assert row is not None
+                row.openai_api_key_encrypted = fresh
+                s.add(row)
+                s.commit()
+        return real_decrypt(self, ciphertext, tenant_id)
+
+    monkeypatch.setattr(Keyring, "decrypt", decrypt_then_race)
+    report = rotate_all(store, ring)
+    assert (report.rotated, report.current, report.failed) == (1, 1, 0)
+    assert store.load_ciphertext("tenant-a") == fresh
+    with store.session() as s:
+        rotated = s.exec(select(AuditEvent).where(AuditEvent.action == "openai_key.rotated")).all()
+    assert [e.tenant_id for e in rotated] == ["tenant-b"]
+    store.dispose()

@@ -41,6 +41,25 @@ FIELDS = {
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
+def assert_usage_line(
+    line: dict[str, object], *, upstream_reached: bool, **expected: object
+) -> None:
+    """Every field of a usage line: the exact values given, and sane ids and timings."""
+    assert set(line) == FIELDS
+    assert RFC3339.match(str(line["ts"])) and str(line["request_id"]).startswith("req_")
+    duration = line["duration_ms"]
+    assert isinstance(duration, int | float) and duration >= 0
+    ttfb = line["ttfb_ms"]
+    if upstream_reached:
+        assert isinstance(ttfb, int | float) and 0 <= ttfb <= duration
+    else:
+        assert ttfb is None
+    rest = {
+        k: v for k, v in line.items() if k not in ("ts", "request_id", "duration_ms", "ttfb_ms")
+    }
+    assert rest == expected
+
+
 # --- pieces ---------------------------------------------------------------------------
 
 
@@ -175,38 +194,87 @@ def test_usage_fields_for_each_kind_of_request(stack: Stack) -> None:
     rids.append(post(stack, key, {"model": "rate-limited", "messages": []}))
     rids.append(post(stack, "byok-unknown", {"model": "x", "messages": []}))
     lines = {x["request_id"]: x for x in stack.usage(6)}
-    for line in lines.values():
-        assert set(line) == FIELDS and RFC3339.match(line["ts"])
-        assert line["duration_ms"] >= 0 and line["method"] == "POST"
     plain, streamed, asked, no_key, limited, unknown = (
         lines[r.headers["x-byok-request-id"]] for r in rids
     )
-
-    tokens = (USAGE["prompt_tokens"], USAGE["completion_tokens"], USAGE["total_tokens"])
-    assert plain["tenant_id"] == "acme" and plain["model"] == "gpt-4o-mini"
-    assert (plain["status"], plain["upstream_status"], plain["stream"]) == (200, 200, False)
-    assert (plain["prompt_tokens"], plain["completion_tokens"], plain["total_tokens"]) == tokens
-    assert plain["key_source"] == "byok" and plain["error_code"] is None
-    assert plain["ttfb_ms"] is not None and plain["ttfb_ms"] <= plain["duration_ms"]
-    assert plain["client_disconnected"] is False and plain["path"] == "/v1/chat/completions"
-
-    assert streamed["stream"] is True and streamed["path"] == "/v1/chat/completions"
-    assert (
-        streamed["prompt_tokens"],
-        streamed["completion_tokens"],
-        streamed["total_tokens"],
-    ) == tokens
-    assert asked["total_tokens"] == 18 and asked["stream"] is True
-
-    assert (no_key["status"], no_key["error_code"]) == (402, "openai_key_missing")
-    assert no_key["upstream_status"] is None and no_key["ttfb_ms"] is None
-    assert no_key["tenant_id"] == "nokey" and no_key["total_tokens"] is None
-
-    assert (limited["status"], limited["upstream_status"]) == (429, 429)
-    assert limited["total_tokens"] is None
-
-    assert (unknown["status"], unknown["error_code"]) == (401, "invalid_proxy_key")
-    assert unknown["tenant_id"] is None and unknown["key_source"] is None
+    chat = {"method": "POST", "path": "/v1/chat/completions", "client_disconnected": False}
+    tokens = {
+        "prompt_tokens": USAGE["prompt_tokens"],
+        "completion_tokens": USAGE["completion_tokens"],
+        "total_tokens": USAGE["total_tokens"],
+    }
+    none = {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None}
+    ok = {"status": 200, "upstream_status": 200, "key_source": "byok", "error_code": None}
+    assert_usage_line(
+        plain,
+        upstream_reached=True,
+        **chat,
+        **tokens,
+        **ok,
+        tenant_id="acme",
+        model="gpt-4o-mini",
+        stream=False,
+    )
+    assert_usage_line(
+        streamed,
+        upstream_reached=True,
+        **chat,
+        **tokens,
+        **ok,
+        tenant_id="acme",
+        model="gpt-4o-mini",
+        stream=True,
+    )
+    assert_usage_line(
+        asked,
+        upstream_reached=True,
+        **chat,
+        **tokens,
+        **ok,
+        tenant_id="acme",
+        model="gpt-4o-mini",
+        stream=True,
+    )
+    # Refused before its body was read: the model is not known.
+    assert_usage_line(
+        no_key,
+        upstream_reached=False,
+        **chat,
+        **none,
+        tenant_id="nokey",
+        model=None,
+        stream=False,
+        status=402,
+        upstream_status=None,
+        key_source=None,
+        error_code="openai_key_missing",
+    )
+    assert_usage_line(
+        limited,
+        upstream_reached=True,
+        **chat,
+        **none,
+        tenant_id="acme",
+        model="rate-limited",
+        stream=False,
+        status=429,
+        upstream_status=429,
+        key_source="byok",
+        error_code=None,
+    )
+    assert_usage_line(
+        unknown,
+        upstream_reached=False,
+        **chat,
+        **none,
+        tenant_id=None,
+        model=None,
+        stream=False,
+        status=401,
+        upstream_status=None,
+        key_source=None,
+        error_code="invalid_proxy_key",
+    )
 
 
 def test_usage_fields_upstream_unreachable(tmp_path: Path, master_key: str) -> None:
@@ -214,13 +282,23 @@ def test_usage_fields_upstream_unreachable(tmp_path: Path, master_key: str) -> N
         key = stack.tenant("t", tier="trial", key=None)
         r = post(stack, key, {"model": "gpt-4o-mini", "messages": []})
         assert r.status_code == 502
-        line = stack.usage(1)[-1]
-        assert (line["status"], line["error_code"], line["upstream_status"]) == (
-            502,
-            "upstream_unreachable",
-            None,
+        assert_usage_line(
+            stack.usage(1)[-1],
+            upstream_reached=False,
+            tenant_id="t",
+            method="POST",
+            path="/v1/chat/completions",
+            model="gpt-4o-mini",
+            stream=False,
+            status=502,
+            upstream_status=None,
+            prompt_tokens=None,
+            completion_tokens=None,
+            total_tokens=None,
+            key_source="platform",
+            error_code="upstream_unreachable",
+            client_disconnected=False,
         )
-        assert line["key_source"] == "platform" and line["model"] == "gpt-4o-mini"
 
 
 # --- the summary ------------------------------------------------------------------------
