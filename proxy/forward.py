@@ -186,15 +186,7 @@ class Forwarder:
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise too_large(limit)
 
-        choice = credentials.choose(self.config, self.store, tenant)
-        if not isinstance(choice, Credential):
-            if not await run_in_threadpool(
-                credentials.claim_platform_request, self.store.engine, tenant.id, choice
-            ):
-                raise credentials.trial_exhausted(tenant, choice)
-            assert self.config.platform_openai_key is not None
-            choice = Credential(self.config.platform_openai_key, "platform")
-        record.key_source = choice.source
+        choice = credentials.choose(self.config, self.store, tenant)  # the 402s, at once
 
         body: bytes | AsyncIterator[bytes] | None = None
         upload_failure: list[Exception] = []
@@ -220,6 +212,16 @@ class Forwarder:
                 and content_type.startswith(b"application/json")
             ):
                 body, strip_usage = self._inspect_json(body, scope["method"], scope["path"], record)
+
+        if not isinstance(choice, Credential):
+            # Claimed only now, so a request refused for its body costs no allowance.
+            if not await run_in_threadpool(
+                credentials.claim_platform_request, self.store.engine, tenant.id, choice
+            ):
+                raise credentials.trial_exhausted(tenant, choice)
+            assert self.config.platform_openai_key is not None
+            choice = Credential(self.config.platform_openai_key, "platform")
+        record.key_source = choice.source
 
         headers = request_headers(
             scope["headers"], "Bearer " + choice.secret.reveal(), keep_org=choice.source == "byok"

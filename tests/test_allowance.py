@@ -134,3 +134,18 @@ def test_any_tier_can_be_given_the_fallback(tmp_path: Path, master_key: str) -> 
             stack.sdk(key).chat.completions.create(model="m", messages=[])
         assert isinstance(info.value.body, dict)
         assert info.value.body["code"] == "trial_quota_exceeded"
+
+
+def test_a_refused_body_costs_no_allowance(tmp_path: Path, master_key: str) -> None:
+    import httpx
+
+    yaml = "limits:\n  max_body_bytes: 1000\ntiers:\n  trial:\n    daily_requests: 1\n"
+    with Stack.sqlite(tmp_path, master_key, yaml=yaml) as stack:
+        key = stack.tenant("trial-co", tier="trial", key=None)
+        big = httpx.post(
+            stack.url + "/v1/files",
+            content=iter([b"x" * 5000]),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert big.status_code == 413
+        stack.sdk(key).chat.completions.create(model="m", messages=[])  # the one allowed
