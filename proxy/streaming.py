@@ -121,6 +121,12 @@ class SSEScanner:
 
     def feed(self, block: bytes) -> bytes:
         """Take one block from the upstream; return what to send to the client now."""
+        if not self._pending and block.endswith(b"\n\n"):
+            # The usual case: whole events only. Nothing to hold back.
+            if _has_usage(block):
+                complete = self._take_usage(block)
+                return complete if self.strip else block
+            return block
         data = self._pending + block if self._pending else block
         end = _last_event_end(data)
         if end < 0:
