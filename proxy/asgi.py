@@ -11,7 +11,6 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-Headers = list[tuple[bytes, bytes]]
 
 # RFC 9110 section 7.6.1 connection-specific headers, plus proxy credentials.
 HOP_BY_HOP = frozenset(

@@ -84,7 +84,7 @@ def add_platform_tokens(engine: Engine, tenant_id: str, tokens: int) -> None:
         )
 
 
-def choose(config: Config, store: Store, tenant: TenantSnapshot) -> Credential | TierPolicy:
+def choose(config: Config, tenant: TenantSnapshot) -> Credential | TierPolicy:
     """The tenant's own key, or the tier policy to check before using the platform key.
 
     Raises the 402s that need no database write.

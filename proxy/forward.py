@@ -186,13 +186,14 @@ class Forwarder:
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise too_large(limit)
 
-        choice = credentials.choose(self.config, self.store, tenant)  # the 402s, at once
+        choice = credentials.choose(self.config, tenant)  # the 402s, at once
 
         body: bytes | AsyncIterator[bytes] | None = None
         upload_failure: list[Exception] = []
         strip_usage = False
         streamed_body = False
         if has_body:
+            is_json = content_type is not None and content_type.startswith(b"application/json")
             first = await receive()
             if first["type"] == "http.disconnect":
                 raise ClientGone()
@@ -201,16 +202,12 @@ class Forwarder:
                 if len(chunk) > limit:
                     raise too_large(limit)
                 body = chunk
-            elif content_type is not None and content_type.startswith(b"application/json"):
+            elif is_json:
                 body = await read_all(receive, chunk, limit)
             else:
                 body = stream_body(receive, chunk, limit, upload_failure)
                 streamed_body = True
-            if (
-                isinstance(body, bytes)
-                and content_type is not None
-                and content_type.startswith(b"application/json")
-            ):
+            if is_json and isinstance(body, bytes):
                 body, strip_usage = self._inspect_json(body, scope["method"], scope["path"], record)
 
         if not isinstance(choice, Credential):

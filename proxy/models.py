@@ -11,9 +11,6 @@ from datetime import UTC, date, datetime
 
 from sqlmodel import Field, SQLModel
 
-TIERS = ("trial", "pro", "enterprise")
-KEY_STATUSES = ("none", "active", "invalid")
-
 
 def utcnow() -> datetime:
     """Aware UTC now."""
