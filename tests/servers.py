@@ -93,3 +93,25 @@ def until_both_workers(prom_dir: Path, request: Callable[[], int], expected: int
         assert request() == expected
         sent += 1
     return sent
+
+
+def serve_env(
+    tmp_path: Path, master_key: str, database_url: str, upstream: str, yaml: str = ""
+) -> dict[str, str]:
+    """Environment for a `byok-proxy serve` test process, with `yaml` as its config.yaml and a
+    folder for prometheus' multiprocess files (tmp_path/prom)."""
+    from helpers import ADMIN_TOKEN
+    from stack import PLATFORM_KEY
+
+    (tmp_path / "config.yaml").write_text(yaml)
+    (tmp_path / "prom").mkdir(exist_ok=True)
+    return {
+        "ENCRYPTION_KEY": master_key,
+        "ADMIN_TOKEN": ADMIN_TOKEN,
+        "DATABASE_URL": database_url,
+        "OPENAI_BASE_URL": upstream,
+        "PLATFORM_OPENAI_KEY": PLATFORM_KEY,
+        "BYOK_CONFIG": str(tmp_path / "config.yaml"),
+        "USAGE_LOG": str(tmp_path / "usage.jsonl"),
+        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
+    }

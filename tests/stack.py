@@ -102,6 +102,20 @@ class Stack:
     def async_sdk(self, key: str) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=20)
 
+    def stream_raw(
+        self, key: str, body: dict[str, Any], path: str = "/v1/chat/completions", **headers: str
+    ) -> tuple[httpx.Response, bytes]:
+        """POST `body` without the SDK and read the answer as it streams: the response and
+        every byte received, undecoded."""
+        with httpx.stream(
+            "POST",
+            self.url + path,
+            json=body,
+            headers={"Authorization": f"Bearer {key}", **headers},
+        ) as r:
+            raw = b"".join(r.iter_raw())
+        return r, raw
+
     # --- usage log ------------------------------------------------------------------
 
     def usage(self, count: int, timeout: float = 5) -> list[dict[str, Any]]:

@@ -54,22 +54,16 @@ def test_allowance_across_two_workers(tmp_path: Path, database_url: str, master_
     import httpx
     from fake_openai import start_fake
     from helpers import ADMIN_TOKEN
-    from servers import free_port, serve, until_both_workers
-    from stack import PLATFORM_KEY
+    from servers import free_port, serve, serve_env, until_both_workers
 
     fake, fake_server = start_fake()
-    (tmp_path / "config.yaml").write_text("tiers:\n  trial:\n    daily_requests: 3\n")
-    env = {
-        "ENCRYPTION_KEY": master_key,
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-        "DATABASE_URL": database_url,
-        "OPENAI_BASE_URL": fake.base_url,
-        "PLATFORM_OPENAI_KEY": PLATFORM_KEY,
-        "BYOK_CONFIG": str(tmp_path / "config.yaml"),
-        "USAGE_LOG": str(tmp_path / "usage.jsonl"),
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
-    }
-    (tmp_path / "prom").mkdir()
+    env = serve_env(
+        tmp_path,
+        master_key,
+        database_url,
+        fake.base_url,
+        "tiers:\n  trial:\n    daily_requests: 3\n",
+    )
     port = free_port()
     with fake_server, serve(["--workers", "2"], env, tmp_path, port, tmp_path / "serve.log"):
         url = f"http://127.0.0.1:{port}"

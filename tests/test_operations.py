@@ -12,8 +12,10 @@ import httpx
 from fake_openai import STREAM_CHUNKS, start_fake
 from helpers import ADMIN_TOKEN
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, serve, until_both_workers
-from stack import PLATFORM_KEY, Stack
+from servers import free_port, serve, serve_env, until_both_workers
+from stack import Stack
+
+SHUTDOWN_YAML = "server:\n  shutdown_timeout_seconds: 20\n"
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -99,24 +101,9 @@ def test_metrics_can_require_the_admin_token(tmp_path: Path, master_key: str) ->
         assert r.status_code == 200
 
 
-def _serve_env(tmp_path: Path, master_key: str, database_url: str, upstream: str) -> dict[str, str]:
-    (tmp_path / "config.yaml").write_text("server:\n  shutdown_timeout_seconds: 20\n")
-    return {
-        "ENCRYPTION_KEY": master_key,
-        "ADMIN_TOKEN": ADMIN_TOKEN,
-        "DATABASE_URL": database_url,
-        "OPENAI_BASE_URL": upstream,
-        "PLATFORM_OPENAI_KEY": PLATFORM_KEY,
-        "BYOK_CONFIG": str(tmp_path / "config.yaml"),
-        "USAGE_LOG": str(tmp_path / "usage.jsonl"),
-    }
-
-
 def test_metrics_add_up_across_workers(tmp_path: Path, database_url: str, master_key: str) -> None:
     fake, fake_server = start_fake()
-    env = _serve_env(tmp_path, master_key, database_url, fake.base_url)
-    env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "prom")
-    (tmp_path / "prom").mkdir()
+    env = serve_env(tmp_path, master_key, database_url, fake.base_url, SHUTDOWN_YAML)
     port = free_port()
     with fake_server, serve(["--workers", "2"], env, tmp_path, port, tmp_path / "serve.log"):
         url = f"http://127.0.0.1:{port}"
@@ -144,7 +131,9 @@ def test_metrics_add_up_across_workers(tmp_path: Path, database_url: str, master
 def test_sigterm_lets_streams_finish(tmp_path: Path, master_key: str) -> None:
     """SIGTERM mid-stream: new connections refused, the stream completes, its line is written."""
     fake, fake_server = start_fake()
-    env = _serve_env(tmp_path, master_key, f"sqlite:///{tmp_path / 's.db'}", fake.base_url)
+    env = serve_env(
+        tmp_path, master_key, f"sqlite:///{tmp_path / 's.db'}", fake.base_url, SHUTDOWN_YAML
+    )
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     received: list[bytes] = []

@@ -81,13 +81,7 @@ def test_chat_stream_sync_without_usage_requested(stack: Stack) -> None:
 def test_stream_bytes_identical_apart_from_usage_chunk(stack: Stack) -> None:
     key = stack.tenant("acme")
     body = {"model": "gpt-4o-mini", "messages": [], "stream": True}
-    with httpx.stream(
-        "POST",
-        stack.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {key}"},
-    ) as r:
-        seen_by_client = b"".join(r.iter_raw())
+    r, seen_by_client = stack.stream_raw(key, body)
     upstream = stack.fake.raw_streams[-1]
     events = upstream.split(b"\n\n")
     usage_events = [e for e in events if b'"choices":[]' in e]
@@ -105,13 +99,8 @@ def test_chat_stream_with_usage_requested(stack: Stack) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.total_tokens == 18
     body = {"model": "m", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
-    with httpx.stream(
-        "POST",
-        stack.url + "/v1/chat/completions",
-        json=body,
-        headers={"Authorization": f"Bearer {key}"},
-    ) as r:
-        assert b"".join(r.iter_raw()) == stack.fake.raw_streams[-1]
+    _, raw = stack.stream_raw(key, body)
+    assert raw == stack.fake.raw_streams[-1]
 
 
 async def test_async_sdk_plain_and_streamed(stack: Stack) -> None:

@@ -222,13 +222,9 @@ def test_accept_encoding_narrowed_to_readable_codings(stack: Stack) -> None:
     assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
     assert stack.fake.requests[-1].header("accept-encoding") == "gzip;q=0.9, deflate"
     assert stack.usage(1)[-1]["total_tokens"] == 5  # read from the gzipped body
-    with httpx.stream(
-        "POST",
-        stack.url + "/v1/chat/completions",
-        json={"model": "m", "messages": [], "stream": True},
-        headers={"Authorization": f"Bearer {key}", "Accept-Encoding": "gzip"},
-    ) as s:
-        s.read()
+    stack.stream_raw(
+        key, {"model": "m", "messages": [], "stream": True}, **{"Accept-Encoding": "gzip"}
+    )
     assert stack.fake.requests[-1].header("accept-encoding") == "identity"
 
 

@@ -34,13 +34,8 @@ def test_mixed_scenario_leaks_nothing(
         client = stack.sdk(acme)
         raw = client.chat.completions.with_raw_response.create(model="m", messages=[])
         bodies.append(raw.http_response.content)
-        with httpx.stream(
-            "POST",
-            stack.url + "/v1/chat/completions",
-            json={"model": "m", "messages": [], "stream": True},
-            headers={"Authorization": f"Bearer {acme}"},
-        ) as r:
-            bodies.append(b"".join(r.iter_raw()) + repr(r.headers.raw).encode())
+        r, raw = stack.stream_raw(acme, {"model": "m", "messages": [], "stream": True})
+        bodies.append(raw + repr(r.headers.raw).encode())
         for key, model in (
             (trial, "m"),
             (bad, "m"),

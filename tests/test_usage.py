@@ -170,13 +170,9 @@ def test_usage_fields_for_each_kind_of_request(stack: Stack) -> None:
     missing = stack.tenant("nokey", key=None)
     rids = []
     rids.append(post(stack, key, {"model": "gpt-4o-mini", "messages": []}))
-    with httpx.stream(
-        "POST",
-        stack.url + "/v1/chat/completions?x=1",
-        json={"model": "gpt-4o-mini", "messages": [], "stream": True},
-        headers={"Authorization": f"Bearer {key}"},
-    ) as r:
-        r.read()
+    r, _ = stack.stream_raw(
+        key, {"model": "gpt-4o-mini", "messages": [], "stream": True}, "/v1/chat/completions?x=1"
+    )
     rids.append(r)
     rids.append(
         post(
