@@ -156,7 +156,15 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
         f"rotate-keys: {report.rotated} re-encrypted, {report.current} already current, "
         f"{report.failed} failed (primary key id {config.keyring.primary_kid})"
     )
-    return 1 if report.failed else 0
+    if report.remaining:
+        print(
+            f"rotate-keys: {report.remaining} stored key(s) are still under an old master key "
+            "(undecryptable, or written meanwhile by a replica without the new key). Keep the "
+            "old key in ENCRYPTION_KEY; restart every replica with the new key first, then "
+            "re-run rotate-keys.",
+            file=sys.stderr,
+        )
+    return 0 if report.complete else 1
 
 
 def cmd_tenants_create(args: argparse.Namespace) -> int:

@@ -6,8 +6,12 @@ changes go through Alembic (`proxy/migrations`).
 
 The proxy-key and tenant lookups are cached in-process for
 `cache_ttl_seconds`. A change made through this process calls
-`invalidate_*` so it takes effect here at once; other replicas see it within
-the TTL. The cache holds ciphertext at most, never a plaintext key.
+`invalidate_*` so it takes effect here at once, even against a lookup that
+was already reading the database: every invalidation bumps a generation
+number, a load caches its answer only if no invalidation happened since it
+started, and later callers never join a load that started before one. Other
+workers and replicas see the change within the TTL (plus one read). The cache
+holds ciphertext at most, never a plaintext key.
 """
 
 from __future__ import annotations
@@ -117,6 +121,8 @@ class Store:
         self._keys: dict[str, tuple[float, Principal | None]] = {}
         self._tenants: dict[str, tuple[float, TenantSnapshot | None]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._generation = 0  # bumped by every invalidation
+        self.loads = 0  # database lookups made (tests count them)
 
     @classmethod
     def connect(cls, url: str, cache_ttl: float = 5.0) -> Store:
@@ -148,6 +154,8 @@ class Store:
         return _MISS
 
     def _load_principal(self, digest: str) -> Principal | None:
+        generation = self._generation
+        self.loads += 1
         with self.session() as s:
             row = s.exec(
                 select(ProxyKey).where(
@@ -156,12 +164,15 @@ class Store:
                 )
             ).first()
         found = Principal(row.tenant_id, row.id) if row else None
-        if len(self._keys) >= _MAX_CACHED:  # unknown keys are cached too: stay bounded
-            self._keys.clear()
-        self._keys[digest] = (time.monotonic() + self.cache_ttl, found)
+        if generation == self._generation:  # else a change raced this read: don't keep it
+            if len(self._keys) >= _MAX_CACHED:  # unknown keys are cached too: stay bounded
+                self._keys.clear()
+            self._keys[digest] = (time.monotonic() + self.cache_ttl, found)
         return found
 
     def _load_tenant(self, tenant_id: str) -> TenantSnapshot | None:
+        generation = self._generation
+        self.loads += 1
         with self.session() as s:
             row = s.get(Tenant, tenant_id)
         snap = (
@@ -169,9 +180,10 @@ class Store:
             if row
             else None
         )
-        if len(self._tenants) >= _MAX_CACHED:
-            self._tenants.clear()
-        self._tenants[tenant_id] = (time.monotonic() + self.cache_ttl, snap)
+        if generation == self._generation:
+            if len(self._tenants) >= _MAX_CACHED:
+                self._tenants.clear()
+            self._tenants[tenant_id] = (time.monotonic() + self.cache_ttl, snap)
         return snap
 
     def principal(self, proxy_key: str) -> Principal | None:
@@ -194,7 +206,12 @@ class Store:
         if pending is None:
             pending = asyncio.ensure_future(anyio.to_thread.run_sync(load, arg))
             self._inflight[key] = pending
-            pending.add_done_callback(lambda _: self._inflight.pop(key, None))
+
+            def forget(done: asyncio.Future[Any]) -> None:
+                if self._inflight.get(key) is done:  # not a newer load after an invalidation
+                    del self._inflight[key]
+
+            pending.add_done_callback(forget)
         return await asyncio.shield(pending)
 
     def tenant(self, tenant_id: str) -> TenantSnapshot | None:
@@ -217,8 +234,14 @@ class Store:
 
     def invalidate_tenant(self, tenant_id: str) -> None:
         """Forget the cached tenant so this replica sees a change at once."""
+        self._generation += 1
         self._tenants.pop(tenant_id, None)
+        self._inflight.pop(("tenant", tenant_id), None)
 
     def invalidate_keys(self) -> None:
         """Forget every cached proxy-key lookup (after a revocation or deletion)."""
+        self._generation += 1
         self._keys.clear()
+        for key in list(self._inflight):  # list(): atomic, callers may be in a thread
+            if key[0] == "key":
+                self._inflight.pop(key, None)

@@ -107,6 +107,7 @@ def test_tenants_create_and_rotate_keys(tmp_path: Path) -> None:
     assert Keyring.parse(new).decrypt(ciphertext, "acme").reveal() == "sk-" + "a" * 30
     lost = run(["rotate-keys"], tmp_path, ENCRYPTION_KEY=generate_master_key(), **env)
     assert lost.returncode == 1 and "1 failed" in lost.stdout
+    assert "1 stored key(s) are still under an old master key" in lost.stderr
     store.dispose()
 
 

@@ -241,3 +241,34 @@ def test_rotation_leaves_a_concurrent_change_alone(
         rotated = s.exec(select(AuditEvent).where(AuditEvent.action == "openai_key.rotated")).all()
     assert [e.tenant_id for e in rotated] == ["tenant-b"]
     store.dispose()
+
+
+def test_rotation_counts_a_key_written_meanwhile_under_an_old_master_key(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica still on the old ENCRYPTION_KEY registers a key while rotate-keys runs:
+    the pass must not call the run complete (dropping the old key would lose that tenant)."""
+    old, new = generate_master_key(), generate_master_key()
+    store = _store_with_tenants(database_url, Keyring.parse(old))
+    ring = Keyring.parse(f"{new},{old}")
+    stale = Keyring.parse(old).encrypt(OTHER_KEY, "tenant-a")
+    real_decrypt = Keyring.decrypt
+
+    def decrypt_then_race(self: Keyring, ciphertext: str, tenant_id: str) -> Secret:
+        if tenant_id == "tenant-a":
+            with store.session() as s:
+                row = s.get(Tenant, "tenant-a")
+                assert row is not None
+                row.openai_api_key_encrypted = stale
+                s.add(row)
+                s.commit()
+        return real_decrypt(self, ciphertext, tenant_id)
+
+    monkeypatch.setattr(Keyring, "decrypt", decrypt_then_race)
+    report = rotate_all(store, ring)
+    assert (report.rotated, report.failed, report.remaining) == (1, 0, 1)
+    assert not report.complete
+    monkeypatch.undo()
+    again = rotate_all(store, ring)  # the re-run finishes the job
+    assert (again.rotated, again.remaining) == (1, 0) and again.complete
+    store.dispose()
