@@ -88,6 +88,7 @@ class ByokApp:
             yield runtime
         finally:
             self.runtime = None
+            await self.forwarder.drain()
             await upstream_client.close()
             await runtime.aclose()
             await usage_log.close()

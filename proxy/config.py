@@ -42,6 +42,49 @@ class TierPolicy:
     daily_tokens: int = 200_000
 
 
+# The platform key serves only stateless endpoints: on OpenAI, files, batches, vector
+# stores, assistants, stored completions and responses belong to the key's project, so
+# on a shared key every trial tenant would reach every other's.
+DEFAULT_PLATFORM_ENDPOINTS = (
+    "POST /v1/chat/completions",
+    "POST /v1/completions",
+    "POST /v1/embeddings",
+    "POST /v1/moderations",
+    "POST /v1/responses",
+    "GET /v1/models",
+    "GET /v1/models/*",
+)
+_ENDPOINT = re.compile(r"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/v1/[A-Za-z0-9_./{}-]*\*?)")
+
+
+@dataclass(frozen=True)
+class PlatformKeyPolicy:
+    """What the platform key (trial fallback) may be used for, and how it is metered.
+
+    `endpoints` are "METHOD /v1/path" entries; a trailing `*` matches any rest.
+    `default_output_tokens` is the output reserved for a request that states no
+    `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
+    """
+
+    endpoints: tuple[str, ...] = DEFAULT_PLATFORM_ENDPOINTS
+    default_output_tokens: int = 4096
+
+    def allows(self, method: str, raw_path: bytes) -> bool:
+        """True if `method` on `raw_path` (as sent upstream, no query) is on the list."""
+        try:
+            path = raw_path.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+        entry = f"{method} {path}"
+        for allowed in self.endpoints:
+            if allowed.endswith("*"):
+                if entry.startswith(allowed[:-1]) and "%" not in path:
+                    return True
+            elif entry == allowed:
+                return True
+        return False
+
+
 DEFAULT_TIERS = {
     "trial": TierPolicy(platform_fallback=True),
     "pro": TierPolicy(),
@@ -74,6 +117,7 @@ class Config:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     cache_ttl_seconds: float = 5.0
     tiers: Mapping[str, TierPolicy] = field(default_factory=lambda: dict(DEFAULT_TIERS))
+    platform_key: PlatformKeyPolicy = field(default_factory=PlatformKeyPolicy)
     log_level: str = "INFO"
     metrics_require_auth: bool = False
     admin_host: str | None = None
@@ -117,6 +161,7 @@ def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
         "limits",
         "cache_ttl_seconds",
         "tiers",
+        "platform_key",
         "log",
         "metrics",
         "admin",
@@ -267,6 +312,10 @@ def load_config(
             ),
         )
 
+    platform_key = _platform_key_policy(
+        _section(raw, "platform_key", {"allowed_endpoints", "default_output_tokens"})
+    )
+
     level = str(log.get("level", "INFO")).upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
@@ -290,6 +339,7 @@ def load_config(
         ),
         cache_ttl_seconds=_typed(raw.get("cache_ttl_seconds", 5.0), float, "cache_ttl_seconds"),
         tiers=tiers,
+        platform_key=platform_key,
         log_level=level,
         metrics_require_auth=_typed(
             metrics.get("require_admin_token", False), bool, "metrics.require_admin_token"
@@ -300,3 +350,21 @@ def load_config(
             server.get("shutdown_timeout_seconds", 30.0), float, "server.shutdown_timeout_seconds"
         ),
     )
+
+
+def _platform_key_policy(section: Mapping[str, Any]) -> PlatformKeyPolicy:
+    endpoints = section.get("allowed_endpoints", list(DEFAULT_PLATFORM_ENDPOINTS))
+    if not isinstance(endpoints, list):
+        raise ConfigError("config.yaml: platform_key.allowed_endpoints must be a list")
+    for entry in endpoints:
+        if not isinstance(entry, str) or not _ENDPOINT.fullmatch(entry):
+            raise ConfigError(
+                "config.yaml: platform_key.allowed_endpoints entries look like "
+                f"'POST /v1/chat/completions' (a trailing * matches any rest), got {entry!r}"
+            )
+    output = _typed(
+        section.get("default_output_tokens", 4096), int, "platform_key.default_output_tokens"
+    )
+    if output < 0:
+        raise ConfigError("config.yaml: platform_key.default_output_tokens must be >= 0")
+    return PlatformKeyPolicy(tuple(endpoints), output)

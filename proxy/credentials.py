@@ -6,24 +6,22 @@
   allowance counted in the database (shared by every worker and replica);
   other tiers get 402 `openai_key_missing`.
 
-Also here: marking a stored key invalid after the upstream rejected it, and
-counting the platform key's tokens.
+Also here: marking a stored key invalid after the upstream rejected it. The
+allowance itself is `proxy.allowance`; what the platform key may be used for,
+`proxy.platform`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
 
 from sqlalchemy import update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Engine
 from sqlmodel import col
 
 from admin import audit
 from proxy.config import Config, TierPolicy
 from proxy.errors import OpenAIKeyInvalid, OpenAIKeyMissing, TrialQuotaExceeded
-from proxy.models import Tenant, TrialAllowance, utcnow
+from proxy.models import Tenant, utcnow
 from proxy.security import Secret
 from proxy.store import Store, TenantSnapshot
 
@@ -46,42 +44,6 @@ def invalid_key_error(tenant_id: str) -> OpenAIKeyInvalid:
         "deactivated). Create a new key in the OpenAI dashboard and register it at "
         f"{register_hint(tenant_id)}; requests fail until then."
     )
-
-
-def today() -> date:
-    return datetime.now(UTC).date()
-
-
-def claim_platform_request(engine: Engine, tenant_id: str, policy: TierPolicy) -> bool:
-    """Count one platform-key request for today; False if the allowance is used up."""
-    if policy.daily_requests <= 0 or policy.daily_tokens <= 0:
-        return False
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
-    table = TrialAllowance.__table__  # type: ignore[attr-defined]
-    stmt = (
-        insert(table)
-        .values(tenant_id=tenant_id, day=today(), requests=1, tokens=0)
-        .on_conflict_do_update(
-            index_elements=["tenant_id", "day"],
-            set_={"requests": table.c.requests + 1},
-            where=(table.c.requests < policy.daily_requests)
-            & (table.c.tokens < policy.daily_tokens),
-        )
-        .returning(table.c.requests)
-    )
-    with engine.begin() as conn:
-        return conn.execute(stmt).first() is not None
-
-
-def add_platform_tokens(engine: Engine, tenant_id: str, tokens: int) -> None:
-    """Add a platform-key request's tokens to today's allowance."""
-    table = TrialAllowance.__table__  # type: ignore[attr-defined]
-    with engine.begin() as conn:
-        conn.execute(
-            update(table)
-            .where(table.c.tenant_id == tenant_id, table.c.day == today())
-            .values(tokens=table.c.tokens + tokens)
-        )
 
 
 def choose(config: Config, tenant: TenantSnapshot) -> Credential | TierPolicy:

@@ -10,12 +10,14 @@ The tree (status code in brackets)::
     ProxyError                      [500] internal_error
     ├── BadRequest                  [400] invalid_json / invalid_request
     ├── Unauthorized                [401] unauthorized
-    │   └── InvalidProxyKey         [401] invalid_proxy_key
+    │   ├── InvalidProxyKey         [401] invalid_proxy_key
+    │   └── UpstreamUnauthorized    [401] the upstream's code (key fine, request not)
     ├── PaymentRequired             [402] (abstract: the tenant must act)
     │   ├── OpenAIKeyMissing        [402] openai_key_missing
     │   ├── OpenAIKeyInvalid        [402] openai_key_invalid
     │   ├── OpenAIQuotaExceeded     [402] openai_quota_exceeded
-    │   └── TrialQuotaExceeded      [402] trial_quota_exceeded
+    │   ├── TrialQuotaExceeded      [402] trial_quota_exceeded
+    │   └── PlatformKeyNotAllowed   [402] platform_key_not_allowed
     ├── Forbidden                   [403] forbidden
     ├── NotFound                    [404] not_found
     ├── MethodNotAllowed            [405] method_not_allowed
@@ -30,8 +32,9 @@ The tree (status code in brackets)::
     ├── ServiceUnavailable          [503] not_ready
     └── UpstreamTimeout             [504] upstream_timeout
 
-Messages are written by us; they never quote an upstream message (OpenAI's
-401 text echoes fragments of the key).
+Messages are written by us. The one that carries upstream words
+(`UpstreamUnauthorized`) carries them scrubbed (`proxy.scrub`): OpenAI's 401
+text echoes fragments of the key.
 """
 
 from __future__ import annotations
@@ -117,6 +120,20 @@ class OpenAIQuotaExceeded(PaymentRequired):
 
 class TrialQuotaExceeded(PaymentRequired):
     code = "trial_quota_exceeded"
+
+
+class PlatformKeyNotAllowed(PaymentRequired):
+    code = "platform_key_not_allowed"
+
+
+class UpstreamUnauthorized(Unauthorized):
+    """An upstream 401 that is not about the key itself (organization header, scope)."""
+
+    def __init__(self, message: str, *, code: str | None, type_: str | None) -> None:
+        super().__init__(message, code=code)
+        self.code = code  # type: ignore[assignment]  # the upstream's, possibly None
+        if type_:
+            self.type = type_
 
 
 class Forbidden(ProxyError):

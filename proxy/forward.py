@@ -18,13 +18,15 @@ import asyncio
 import json
 import logging
 import time
-import zlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from starlette.concurrency import run_in_threadpool
+from yarl import URL
 
-from proxy import credentials
+from proxy import allowance, credentials, platform, rejections
 from proxy.asgi import Receive, Scope, Send, send_error
 from proxy.credentials import Credential
 from proxy.downstream import (
@@ -45,7 +47,7 @@ from proxy.errors import (
 )
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX
-from proxy.streaming import JSONTail, SSEScanner, ask_for_usage
+from proxy.streaming import BodyUsage, SSEScanner, ask_for_usage
 from proxy.upstream import (
     readable_accept_encoding,
     request_headers,
@@ -61,20 +63,12 @@ _MAX_ERROR_BODY = 64 * 1024
 _WHOLE_BODY_BYTES = 256 * 1024  # plain responses up to this size are sent in one piece
 
 
-def _quota_exceeded(body: bytes, encoding: str | None) -> bool:
-    if encoding:
-        try:
-            body = zlib.decompress(body, wbits=47)  # gzip or zlib
-        except zlib.error:
-            return False
-    try:
-        error = json.loads(body).get("error") or {}
-    except (ValueError, AttributeError):
+def _is_json(content_type: bytes | None) -> bool:
+    """`application/json` or `...+json`, in any case, with any parameters."""
+    if content_type is None:
         return False
-    return isinstance(error, dict) and "insufficient_quota" in (
-        error.get("code"),
-        error.get("type"),
-    )
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
 
 
 def _upstream_error(exc: BaseException) -> ProxyError:
@@ -96,6 +90,20 @@ async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(chunks)
 
 
+@dataclass(slots=True)
+class _Call:
+    """One upstream call, as decided: where, with which key, what body."""
+
+    url: URL
+    credential: Credential
+    ciphertext: str | None  # the tenant's stored key (to mark it invalid on a 401)
+    body: bytes | AsyncIterator[bytes] | None
+    streamed_body: bool
+    length: bytes | None  # the caller's Content-Length of a streamed upload
+    upload_failure: list[Exception]
+    strip_usage: bool
+
+
 class Forwarder:
     """The /v1 handler; one per worker, holding the runtime and the upstream client."""
 
@@ -104,6 +112,7 @@ class Forwarder:
         self.config = runtime.config
         self.store = runtime.store
         self.client = client
+        self._settling: set[asyncio.Future[None]] = set()
 
     async def __call__(
         self,
@@ -177,23 +186,26 @@ class Forwarder:
             raise InvalidProxyKey()
         record.tenant_id = tenant.id
 
-        url = target_url(
-            self.config.upstream.base_url,
-            scope.get("raw_path") or scope["path"].encode(),
-            scope.get("query_string", b""),
-        )
+        raw_path = scope.get("raw_path") or scope["path"].encode()
+        url = target_url(self.config.upstream.base_url, raw_path, scope.get("query_string", b""))
         limit = self.config.max_body_bytes
         if length is not None and (not length.isdigit() or int(length) > limit):
             raise too_large(limit)
 
         choice = credentials.choose(self.config, tenant)  # the 402s, at once
+        on_platform = not isinstance(choice, Credential)
+        if on_platform and not self.config.platform_key.allows(scope["method"], raw_path):
+            raise platform.not_allowed(tenant.id, scope["method"], scope["path"])
 
         body: bytes | AsyncIterator[bytes] | None = None
+        request: dict[str, Any] | None = None
         upload_failure: list[Exception] = []
         strip_usage = False
         streamed_body = False
         if has_body:
-            is_json = content_type is not None and content_type.startswith(b"application/json")
+            # JSON bodies are read whole (model, stream, usage splice); so is every body on
+            # the platform key, which must be a JSON object (`proxy.platform`).
+            is_json = on_platform or _is_json(content_type)
             first = await receive()
             if first["type"] == "http.disconnect":
                 raise ClientGone()
@@ -207,19 +219,49 @@ class Forwarder:
             else:
                 body = stream_body(receive, chunk, limit, upload_failure)
                 streamed_body = True
+            if on_platform:
+                assert isinstance(body, bytes)
+                body, request = platform.check_body(tenant.id, scope["path"], body)
             if is_json and isinstance(body, bytes):
-                body, strip_usage = self._inspect_json(body, scope["method"], scope["path"], record)
+                body, strip_usage = self._inspect_json(body, request, scope, record)
+        elif on_platform and scope["method"] in ("POST", "PUT", "PATCH"):
+            platform.check_body(tenant.id, scope["path"], b"")  # 400: a JSON body is needed
 
+        reservation = None
         if not isinstance(choice, Credential):
-            # Claimed only now, so a request refused for its body costs no allowance.
-            if not await run_in_threadpool(
-                credentials.claim_platform_request, self.store.engine, tenant.id, choice
-            ):
+            # Reserved only now, so a request refused for its body costs no allowance.
+            size = len(body) if isinstance(body, bytes) else 0
+            estimate = platform.estimate_tokens(
+                scope["path"], request, size, self.config.platform_key.default_output_tokens
+            )
+            reservation = await run_in_threadpool(
+                allowance.reserve, self.store.engine, tenant.id, choice, estimate
+            )
+            if reservation is None:
                 raise credentials.trial_exhausted(tenant, choice)
             assert self.config.platform_openai_key is not None
             choice = Credential(self.config.platform_openai_key, "platform")
         record.key_source = choice.source
+        call = _Call(
+            url, choice, tenant.ciphertext, body, streamed_body, length, upload_failure, strip_usage
+        )
+        try:
+            await self._exchange(scope, receive, send, record, rid_header, call)
+        finally:
+            if reservation is not None:
+                await self._settle(reservation, record)
 
+    async def _exchange(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        record: UsageRecord,
+        rid_header: tuple[bytes, bytes],
+        call: _Call,
+    ) -> None:
+        """Send the request upstream with the call's key and relay the answer."""
+        choice, streamed_body, length = call.credential, call.streamed_body, call.length
         headers = request_headers(
             scope["headers"], "Bearer " + choice.secret.reveal(), keep_org=choice.source == "byok"
         )
@@ -235,18 +277,31 @@ class Forwarder:
         try:
             try:
                 response = await self.client.request(
-                    scope["method"], url, headers=headers, data=body, allow_redirects=False
+                    scope["method"],
+                    call.url,
+                    headers=headers,
+                    data=call.body,
+                    allow_redirects=False,
                 )
             except (TimeoutError, aiohttp.ClientError) as exc:
-                if streamed_body and upload_failure:  # the caller's upload, not the upstream
-                    raise upload_failure[0] from None
-                raise _upstream_error(exc) from None
+                if streamed_body and call.upload_failure:  # the caller's upload, not upstream
+                    raise call.upload_failure[0] from None
+                error = _upstream_error(exc)
+                record.error_code = error.code
+                raise error from None
             record.ttfb_ms = round((time.perf_counter() - record.started) * 1000, 3)
             record.upstream_status = response.status
             if watcher is None:
                 watcher = DisconnectWatch(receive, loop, task, record)
             await self._respond(
-                response, send, record, choice, tenant.ciphertext, strip_usage, watcher, rid_header
+                response,
+                send,
+                record,
+                choice,
+                call.ciphertext,
+                call.strip_usage,
+                watcher,
+                rid_header,
             )
         except asyncio.CancelledError:
             if record.client_disconnected:
@@ -258,13 +313,21 @@ class Forwarder:
                 watcher.stop()
             if response is not None:
                 response.close()
-        if choice.source == "platform" and record.usage and record.usage.total_tokens:
-            await run_in_threadpool(
-                credentials.add_platform_tokens,
-                self.store.engine,
-                tenant.id,
-                record.usage.total_tokens,
-            )
+
+    async def _settle(self, reservation: allowance.Reservation, record: UsageRecord) -> None:
+        """Settle a platform-key request's reservation, even if this task is cancelled."""
+        charge = allowance.charged(reservation, record)
+        job = asyncio.ensure_future(
+            asyncio.to_thread(allowance.settle, self.store.engine, reservation, charge)
+        )
+        self._settling.add(job)
+        job.add_done_callback(self._settling.discard)
+        await asyncio.shield(job)
+
+    async def drain(self) -> None:
+        """Wait for settlements still running (at shutdown)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     async def _respond(
         self,
@@ -282,6 +345,11 @@ class Forwarder:
             if choice.source == "platform":
                 log.error("the upstream rejected PLATFORM_OPENAI_KEY (401); replace it")
                 raise PlatformKeyRejected()
+            error = rejections.error_object(
+                await _read_capped(response), response.headers.get("Content-Encoding")
+            )
+            if not rejections.key_rejected(error):
+                raise rejections.unauthorized(error, choice.secret.reveal())
             if ciphertext is not None and record.tenant_id is not None:
                 await run_in_threadpool(
                     credentials.mark_invalid,
@@ -293,7 +361,8 @@ class Forwarder:
             raise credentials.invalid_key_error(record.tenant_id or "")
         if status == 429:
             error_body = await _read_capped(response)
-            if _quota_exceeded(error_body, response.headers.get("Content-Encoding")):
+            error = rejections.error_object(error_body, response.headers.get("Content-Encoding"))
+            if rejections.quota_exceeded(error):
                 raise OpenAIQuotaExceeded(
                     "The OpenAI account behind this key is out of credit (insufficient_quota). "
                     "Add credit or raise the limit in OpenAI billing, or register another key at "
@@ -326,7 +395,7 @@ class Forwarder:
                 data = await response.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise _upstream_error(exc) from None
-            whole = JSONTail(response.headers.get("Content-Encoding"))
+            whole = BodyUsage(response.headers.get("Content-Encoding"))
             whole.feed(data)
             record.usage = whole.usage()
             watcher.stop()
@@ -334,8 +403,9 @@ class Forwarder:
             await send({"type": "http.response.body", "body": data})
             return
 
-        scanner = SSEScanner(strip_usage) if sse else None
-        tail = None if sse else JSONTail(response.headers.get("Content-Encoding"))
+        encoding = response.headers.get("Content-Encoding")
+        scanner = SSEScanner(strip_usage, encoding) if sse else None
+        body_usage = None if sse else BodyUsage(encoding)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         if sse:
             self.runtime.metrics.open_streams.inc()
@@ -346,8 +416,8 @@ class Forwarder:
                     if not block:
                         continue
                 else:
-                    assert tail is not None
-                    tail.feed(block)
+                    assert body_usage is not None
+                    body_usage.feed(block)
                 await send({"type": "http.response.body", "body": block, "more_body": True})
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are out: the client sees the connection cut, the usage line the cause.
@@ -356,24 +426,32 @@ class Forwarder:
         finally:
             if sse:
                 self.runtime.metrics.open_streams.dec()
+            # However the stream ends (a client gone after the usage chunk included),
+            # the usage already seen is what the request cost.
+            if scanner is not None:
+                record.usage = scanner.usage
         rest = scanner.finish() if scanner is not None else b""
-        record.usage = scanner.usage if scanner is not None else tail.usage() if tail else None
+        record.usage = scanner.usage if scanner is not None else body_usage.usage()  # type: ignore[union-attr]
         watcher.stop()
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
     def _inspect_json(
-        self, body: bytes, method: str, path: str, record: UsageRecord
+        self, body: bytes, request: dict[str, Any] | None, scope: Scope, record: UsageRecord
     ) -> tuple[bytes, bool]:
-        """Note `model` and `stream`; make streamed chat completions ask for usage."""
-        try:
-            request = json.loads(body)
-        except ValueError:
-            return body, False  # the upstream will answer 400 in its own words
-        if not isinstance(request, dict):
-            return body, False
+        """Note `model` and `stream`; make streamed chat completions ask for usage.
+
+        `request` is the body already parsed (platform key), else None.
+        """
+        if request is None:
+            try:
+                request = json.loads(body)
+            except (ValueError, RecursionError):
+                return body, False  # the upstream will answer 400 in its own words
+            if not isinstance(request, dict):
+                return body, False
         model = request.get("model")
         record.model = model if isinstance(model, str) else None
         record.stream = request.get("stream") is True
-        if record.stream and method == "POST" and path in _USAGE_PATHS:
+        if record.stream and scope["method"] == "POST" and scope["path"] in _USAGE_PATHS:
             return ask_for_usage(body, request)
         return body, False

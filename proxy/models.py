@@ -71,7 +71,10 @@ class AuditEvent(SQLModel, table=True):
 
 
 class TrialAllowance(SQLModel, table=True):
-    """Platform-key use by a tenant on one UTC day, shared by all workers."""
+    """Platform-key use by a tenant on one UTC day, shared by all workers.
+
+    `tokens` are settled (charged) tokens; `reserved` is held by requests in flight.
+    """
 
     __tablename__ = "trial_allowance"
 
@@ -79,3 +82,4 @@ class TrialAllowance(SQLModel, table=True):
     day: date = Field(primary_key=True)
     requests: int = 0
     tokens: int = 0
+    reserved: int = 0

@@ -34,7 +34,7 @@ from proxy.models import ProxyKey, Tenant
 from proxy.security import hash_proxy_key
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0001"  # the newest revision in proxy/migrations/versions (a test checks)
+HEAD_REVISION = "0002"  # the newest revision in proxy/migrations/versions (a test checks)
 _PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
 _MISS = object()
 _MAX_CACHED = 100_000  # entries per cache; past this it starts over

@@ -1,15 +1,22 @@
-"""Reading token usage out of responses as they pass, touching as little as possible.
+"""Reading token usage out of responses as they pass, by structure, for any size.
+
+Usage is the JSON `usage` object of a response body (top level), or of an
+event of a stream (top level for chat/completions chunks, `response.usage`
+for the Responses API's events). It is found by parsing, never by looking for
+a substring, so text that mentions "usage" cannot hide or fake it.
 
 - `ask_for_usage(body)`: a streamed chat completion gets
   `stream_options.include_usage: true` (the one change the proxy makes to a
   request body), and we remember whether the client had asked for it.
-- `SSEScanner`: for an event stream, each block is forwarded as it arrives; only
-  a block that holds a usage object is parsed. When the client did not ask for
-  usage, the usage-only chunk (empty `choices`) is cut out, so the client sees
-  the stream it would have seen from OpenAI; only then are partial events held
-  back until their blank line arrives (an SSE client cannot use them earlier).
-- `JSONTail`: for a plain response, keeps the last bytes of the body (usage
-  sits at the end of OpenAI's JSON) and decodes just that object.
+- `SSEScanner`: an event stream is forwarded block by block as it arrives and
+  framed into events in one linear pass. An event of up to `_SMALL_EVENT`
+  bytes is parsed whole (only if the bytes `"usage"` occur in it, a cheap
+  filter, not the decision); a bigger one (a `response.completed` carrying an
+  image) is parsed incrementally as it passes, with constant memory. When the
+  client did not ask for usage, the usage-only chunk (empty `choices`) is cut
+  out; only then are partial events held back until their blank line arrives.
+- `BodyUsage`: a plain body, parsed whole when small, incrementally when not;
+  gzip/deflate bodies are inflated for the parse (up to `MAX_INFLATED` bytes).
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-_MARKERS = (b'"usage":{', b'"usage": {')
-_TAIL_BYTES = 16 * 1024
-_MAX_PENDING = 1024 * 1024
-_MAX_COMPRESSED = 8 * 1024 * 1024
+import ijson
+
+_MARKER = b'"usage"'
+_SMALL_EVENT = 256 * 1024  # parsed whole; bigger events are parsed as they pass
+_MAX_HELD = 64 * 1024  # strip mode: longest partial event held back (usage chunks are tiny)
+MAX_INFLATED = 64 * 1024 * 1024  # most bytes inflated to read one compressed body
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,15 @@ class Usage:
             count("completion_tokens", "output_tokens"),
             count("total_tokens"),
         )
+
+    @property
+    def tokens(self) -> int | None:
+        """Total tokens: `total_tokens`, else prompt + completion, else None."""
+        if self.total_tokens is not None:
+            return self.total_tokens
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
 
 def ask_for_usage(body: bytes, request: dict[str, Any]) -> tuple[bytes, bool]:
@@ -85,8 +103,14 @@ def ask_for_usage(body: bytes, request: dict[str, Any]) -> tuple[bytes, bool]:
     return text.encode(), True
 
 
-def _has_usage(data: bytes) -> bool:
-    return _MARKERS[0] in data or _MARKERS[1] in data
+def event_usage(obj: Any) -> Usage | None:
+    """The usage of one parsed stream event: `usage`, or `response.usage` (Responses API)."""
+    if not isinstance(obj, dict):
+        return None
+    found = obj.get("usage")
+    if found is None and isinstance(obj.get("response"), dict):
+        found = obj["response"].get("usage")
+    return Usage.from_object(found)
 
 
 def _event_json(event: bytes) -> Any:
@@ -97,116 +121,233 @@ def _event_json(event: bytes) -> Any:
         return None
     try:
         return json.loads(b"\n".join(lines))
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 
-_EVENT_END = re.compile(rb"\r?\n\r?\n")
+class Inflater:
+    """Incremental gzip/deflate decoding, bounded to `MAX_INFLATED` bytes in all."""
+
+    def __init__(self, encoding: str | None) -> None:
+        encoding = (encoding or "").strip().lower() or "identity"
+        self.readable = encoding in ("identity", "gzip", "x-gzip", "deflate")
+        compressed = self.readable and encoding != "identity"
+        self._zlib = zlib.decompressobj(wbits=47) if compressed else None
+        self._left = MAX_INFLATED
+
+    def feed(self, block: bytes) -> bytes | None:
+        """The decoded bytes of `block`; None once the body cannot be read further."""
+        if not self.readable:
+            return None
+        if self._zlib is None:
+            return block
+        try:
+            out = self._zlib.decompress(block, self._left + 1)
+        except zlib.error:
+            self.readable = False
+            return None
+        self._left -= len(out)
+        if self._left < 0 or self._zlib.unconsumed_tail:
+            self.readable = False  # over the bound: stop reading (the body still passes)
+            return None
+        return out
 
 
-def _last_event_end(data: bytes) -> int:
-    """Index just past the last blank line (event end) in `data`, or -1."""
-    lf = data.rfind(b"\n\n")
-    crlf = data.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else -1, crlf + 4 if crlf >= 0 else -1)
+class _Incremental:
+    """Pulls JSON objects at given prefixes out of a document fed in pieces (ijson, C)."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        self.found: list[Any] = []
+        self._coros = []
+        for prefix in prefixes:
+            target = ijson.sendable_list()
+            self._coros.append((target, ijson.items_coro(target, prefix, use_float=True)))
+        self.failed = False
+
+    def feed(self, data: bytes) -> None:
+        if self.failed or not data:
+            return
+        for target, coro in self._coros:
+            try:
+                coro.send(data)
+            except (ijson.JSONError, ijson.IncompleteJSONError, ValueError, RecursionError):
+                self.failed = True
+                return
+            if target:
+                self.found.extend(target)
+                del target[:]
+
+    def close(self) -> None:
+        if self.failed:
+            return
+        for target, coro in self._coros:
+            try:
+                coro.close()
+            except (ijson.JSONError, ijson.IncompleteJSONError, ValueError):
+                pass
+            self.found.extend(target)
+            del target[:]
+
+
+class BodyUsage:
+    """The top-level `usage` of a JSON body fed in blocks (any size, gzip or plain)."""
+
+    def __init__(self, content_encoding: str | None) -> None:
+        self._inflate = Inflater(content_encoding)
+        self._small: list[bytes] | None = []
+        self._size = 0
+        self._parser: _Incremental | None = None
+
+    def feed(self, block: bytes) -> None:
+        data = self._inflate.feed(block)
+        if data is None:
+            self._small = None
+            self._parser = None
+            return
+        if self._small is not None:
+            self._small.append(data)
+            self._size += len(data)
+            if self._size <= _SMALL_EVENT:
+                return
+            self._parser = _Incremental(("usage",))  # too big to parse whole: go incremental
+            self._parser.feed(b"".join(self._small))
+            self._small = None
+        elif self._parser is not None:
+            self._parser.feed(data)
+
+    def usage(self) -> Usage | None:
+        """The usage, once the whole body was fed; None if there is none or it is unreadable."""
+        if self._small is not None:
+            try:
+                obj = json.loads(b"".join(self._small))
+            except (ValueError, RecursionError):
+                return None
+            return Usage.from_object(obj.get("usage")) if isinstance(obj, dict) else None
+        if self._parser is None:
+            return None
+        self._parser.close()
+        return next((u for u in map(Usage.from_object, self._parser.found) if u), None)
+
+
+_BOUNDARY = re.compile(rb"\r?\n\r?\n")
 
 
 class SSEScanner:
-    """Passes an event stream through, picking up usage and optionally dropping its chunk."""
+    """Passes an event stream through, reading usage from its events and optionally
+    dropping the usage-only chunk. Linear in the stream size, whatever the event sizes."""
 
-    def __init__(self, strip_usage_chunk: bool) -> None:
+    def __init__(self, strip_usage_chunk: bool, content_encoding: str | None = None) -> None:
         self.strip = strip_usage_chunk
         self.usage: Usage | None = None
-        self._pending = b""
+        self._inflate = Inflater(content_encoding)
+        if self._inflate._zlib is not None:
+            self.strip = False  # compressed anyway: pass it as it is, read a decoded copy
+        self._parts: list[bytes] = []  # the current event so far (small events)
+        self._size = 0
+        self._big: _Incremental | None = None  # the current event, when it is big
+        self._carry = b""  # last bytes of the previous block (a boundary may straddle)
+        self._held: list[bytes] = []  # strip mode: what is held back from the client
+        self._held_size = 0
+        self._passing = False  # strip mode: the current event is too long to hold back
 
     def feed(self, block: bytes) -> bytes:
         """Take one block from the upstream; return what to send to the client now."""
-        if not self._pending and block.endswith(b"\n\n"):
-            # The usual case: whole events only. Nothing to hold back.
-            if _has_usage(block):
-                complete = self._take_usage(block)
-                return complete if self.strip else block
+        data = self._inflate.feed(block)
+        if data is None:  # unreadable stream: pass it on untouched
+            return self._release() + block if self.strip else block
+        if not self.strip:
+            self._frame(data, None)
             return block
-        data = self._pending + block if self._pending else block
-        end = _last_event_end(data)
-        if end < 0:
-            if len(data) > _MAX_PENDING:  # not SSE as we know it: stop holding, pass it on
-                self._pending = b""
-                return data if self.strip else block
-            self._pending = data
-            return b"" if self.strip else block
-        complete, self._pending = data[:end], data[end:]
-        if len(self._pending) > _MAX_PENDING:
-            complete, self._pending = data, b""
-        if _has_usage(complete):
-            complete = self._take_usage(complete)
-        return complete if self.strip else block
-
-    def finish(self) -> bytes:
-        """End of stream: scan and release whatever is held back."""
-        rest, self._pending = self._pending, b""
-        if rest and _has_usage(rest):
-            rest = self._take_usage(rest)
-        return rest if self.strip else b""
-
-    def _take_usage(self, data: bytes) -> bytes:
-        parts = _EVENT_END.split(data)  # events, separators kept in between
-        seps = _EVENT_END.findall(data)
-        out = []
-        for i, event in enumerate(parts):
-            sep = seps[i] if i < len(seps) else b""
-            if _has_usage(event):
-                obj = _event_json(event)
-                if isinstance(obj, dict):
-                    found = obj.get("usage")
-                    if found is None and isinstance(obj.get("response"), dict):
-                        found = obj["response"].get("usage")  # Responses API
-                    usage = Usage.from_object(found)
-                    if usage is not None:
-                        self.usage = usage
-                        if self.strip and obj.get("choices") == []:
-                            continue  # the usage-only chunk, with its blank line
-            out.append(event + sep)
+        out: list[bytes] = []
+        self._frame(data, out)
+        if self._held_size > _MAX_HELD:  # a long event is never the usage chunk: let it go
+            out.append(self._release())
+            self._passing = True
         return b"".join(out)
 
+    def finish(self) -> bytes:
+        """End of stream: read and release whatever is held back."""
+        out: list[bytes] | None = [] if self.strip else None
+        if self._parts or self._big is not None:
+            self._end_event(b"", out)
+        return b"".join(out) + self._release() if out is not None else b""
 
-class JSONTail:
-    """Keeps the end of a JSON body to read its `usage` without parsing the whole body."""
+    def _release(self) -> bytes:
+        held, self._held, self._held_size = b"".join(self._held), [], 0
+        return held
 
-    def __init__(self, content_encoding: str | None) -> None:
-        self.encoding = (content_encoding or "").lower() or None
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._tail = b""
+    def _frame(self, data: bytes, out: list[bytes] | None) -> None:
+        """Split `data` into the current event's pieces and complete events."""
+        probe = self._carry + data
+        offset = len(self._carry)
+        start = 0  # in `data`
+        for match in _BOUNDARY.finditer(probe):
+            end = match.end() - offset
+            if end <= start:
+                continue  # a boundary wholly inside the carry was handled before
+            self._end_event(data[start:end], out)
+            start = end
+        if start < len(data):
+            self._add(data[start:], out)
+        self._carry = probe[-3:]
 
-    def feed(self, block: bytes) -> None:
-        if self.encoding:
-            if self._size + len(block) <= _MAX_COMPRESSED:
-                self._chunks.append(block)
-            self._size += len(block)
+    def _add(self, piece: bytes, out: list[bytes] | None) -> None:
+        """`piece` continues the current event."""
+        if out is not None:
+            if self._passing:
+                out.append(piece)
+            else:
+                self._held.append(piece)
+                self._held_size += len(piece)
+        if self._big is not None:
+            self._big.feed(piece)
+            return
+        self._parts.append(piece)
+        self._size += len(piece)
+        if self._size > _SMALL_EVENT:
+            self._big = _event_parser(b"".join(self._parts))
+            self._parts, self._size = [], 0
+
+    def _end_event(self, piece: bytes, out: list[bytes] | None) -> None:
+        """`piece` ends the current event (with its blank line): read it, send or drop it."""
+        obj: Any = None
+        if self._big is not None:
+            self._big.feed(_payload_end(piece))
+            self._big.close()
+            usage = next((u for u in map(Usage.from_object, self._big.found) if u), None)
+            self._big = None
         else:
-            self._tail = (self._tail + block)[-_TAIL_BYTES:] if self._tail else block[-_TAIL_BYTES:]
+            event = b"".join([*self._parts, piece]) if self._parts else piece
+            self._parts, self._size = [], 0
+            usage = None
+            if _MARKER in event:
+                obj = _event_json(event)
+                usage = event_usage(obj)
+        if usage is not None:
+            self.usage = usage
+        if out is not None:
+            held = self._release()
+            usage_only = usage is not None and isinstance(obj, dict) and obj.get("choices") == []
+            if not usage_only or self._passing:
+                out.append(held + piece)
+        self._passing = False
 
-    def usage(self) -> Usage | None:
-        """The body's top-level usage, if one can be read."""
-        tail = self._tail
-        if self.encoding:
-            if self._size > _MAX_COMPRESSED or self.encoding not in ("gzip", "deflate"):
-                return None
-            try:
-                tail = zlib.decompress(b"".join(self._chunks), wbits=47)[-_TAIL_BYTES:]
-            except zlib.error:
-                return None
-        at = tail.rfind(b'"usage"')
-        while at > 0 and tail[at - 1 : at] == b"\\":
-            at = tail.rfind(b'"usage"', 0, at)
-        if at < 0:
-            return None
-        text = tail[at + 7 :].decode("utf-8", "replace").lstrip()
-        if not text.startswith(":"):
-            return None
-        try:
-            value, _ = json.JSONDecoder().raw_decode(text[1:].lstrip())
-        except ValueError:
-            return None
-        return Usage.from_object(value)
+
+def _payload_end(piece: bytes) -> bytes:
+    """The data bytes of the last piece of a big event (its trailing blank line removed)."""
+    return piece.rstrip(b"\r\n")
+
+
+def _event_parser(head: bytes) -> _Incremental:
+    """An incremental parser for a big event whose first bytes are `head`.
+
+    A big event is one `data:` line (OpenAI's are); its JSON starts after the
+    first `data:` and runs to the end of the event.
+    """
+    parser = _Incremental(("usage", "response.usage"))
+    at = head.find(b"data:")
+    if at < 0 or (at > 0 and head[at - 1 : at] not in (b"\n", b"\r")):
+        parser.failed = True
+        return parser
+    parser.feed(head[at + 5 :])
+    return parser

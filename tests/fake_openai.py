@@ -12,7 +12,18 @@ the caller's key or model:
   recording when it noticed (`stream_closed`);
 - model ``slow`` → waits 3 s before answering;
 - model ``broken`` (streamed) → one chunk, then the connection is cut;
-- path ``/v1/redirect`` → 302 to ``/v1/models``.
+- path ``/v1/redirect`` → 302 to ``/v1/models``;
+- model ``gate`` → waits for `release` before anything else (the key is checked after);
+- model ``pause`` → waits 0.3 s (so many requests are in flight at once);
+- header ``OpenAI-Organization: org-wrong`` → 401 ``mismatched_organization`` whose message
+  echoes the key; model ``no-scope`` → 401 for a restricted key missing a scope (no code);
+- files (``/v1/files``) are kept per key, as OpenAI keeps them per project: list, upload,
+  retrieve and delete see only the caller key's files;
+- streamed model ``usage-in-last`` → the usage rides on the last content chunk;
+  ``sized`` → the stream carries a Content-Length; ``linger`` → after the usage chunk
+  and ``[DONE]`` the connection stays open until the client leaves; ``huge`` → one
+  3 MiB event (chat) or a 3 MiB ``response.completed`` (Responses API);
+- ``store_objects`` holds the Responses API's stored responses per key.
 Every response carries two `Set-Cookie` headers, `x-request-id`,
 `openai-processing-ms` and `x-ratelimit-*` headers.
 """
@@ -75,6 +86,8 @@ class FakeOpenAI:
     forbidden: set[str] = field(default_factory=set)
     counter: int = 0
     port: int = 0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> file, with "key"
+    stored: dict[str, str] = field(default_factory=dict)  # stored response id -> key
 
     @property
     def base_url(self) -> str:
@@ -114,6 +127,48 @@ class FakeOpenAI:
         if self.compress and "gzip" in (seen.header("accept-encoding") or ""):
             send = _gzipping(send)
         key = (seen.header("authorization") or "").removeprefix("Bearer ")
+        request: Any = {}
+        if (seen.header("content-type") or "").lower().startswith("application/json") and seen.body:
+            try:
+                request = json.loads(seen.body)
+            except ValueError:
+                request = {}
+        model = request.get("model") if isinstance(request, dict) else None
+        if model == "gate":
+            while not self.release.is_set():
+                await asyncio.sleep(0.005)
+        if model == "pause":
+            await asyncio.sleep(0.3)
+        if seen.header("openai-organization") == "org-wrong":
+            return await self._json(
+                send,
+                401,
+                headers,
+                {
+                    "error": {
+                        "message": "OpenAI-Organization header should match organization for "
+                        f"API key {key[:8]}****{key[-4:]} ({key}).",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "mismatched_organization",
+                    }
+                },
+            )
+        if model == "no-scope":
+            return await self._json(
+                send,
+                401,
+                headers,
+                {
+                    "error": {
+                        "message": "You have insufficient permissions for this operation. "
+                        f"Missing scopes: model.request. Key: {key[:8]}***{key[-4:]}.",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+            )
         if key in self.revoked:
             return await self._json(
                 send,
@@ -160,10 +215,6 @@ class FakeOpenAI:
             )
 
         path = seen.path.removeprefix("/v1")
-        request: Any = {}
-        if seen.header("content-type") == "application/json" and seen.body:
-            request = json.loads(seen.body)
-        model = request.get("model") if isinstance(request, dict) else None
         if model == "rate-limited":
             return await self._json(
                 send,
@@ -240,22 +291,17 @@ class FakeOpenAI:
         if path == "/responses":
             if request.get("stream"):
                 return await self._responses_stream(send, headers, model)
-            return await self._json(send, 200, headers, self._response_object(model))
-        if path == "/files":
-            return await self._json(
-                send,
-                200,
-                headers,
-                {
-                    "id": "file-" + hashlib.sha256(seen.body).hexdigest()[:12],
-                    "object": "file",
-                    "bytes": len(seen.body),
-                    "created_at": 1,
-                    "filename": "upload",
-                    "purpose": "batch",
-                    "status": "processed",
-                },
-            )
+            answer = self._response_object(model)
+            if request.get("store") is not False:  # OpenAI stores responses by default
+                answer["id"] = f"resp_{len(self.stored) + 1}"
+                self.stored[answer["id"]] = key
+            if isinstance(request.get("metadata"), dict):
+                answer["metadata"] = request["metadata"]
+            if isinstance(request.get("user"), str):
+                answer["user"] = request["user"]
+            return await self._json(send, 200, headers, answer)
+        if path.startswith("/files"):
+            return await self._files(send, headers, seen, key, path)
         if path == "/audio/transcriptions":
             return await self._json(send, 200, headers, {"text": "hello from audio"})
         return await self._json(
@@ -271,6 +317,56 @@ class FakeOpenAI:
                 }
             },
         )
+
+    async def _files(
+        self, send: Any, headers: list[tuple[bytes, bytes]], seen: Seen, key: str, path: str
+    ) -> None:
+        """The Files API, with files kept per key (OpenAI keeps them per project)."""
+        mine = {i: f for i, f in self.files.items() if f["key"] == key}
+        public = {i: {k: v for k, v in f.items() if k != "key"} for i, f in mine.items()}
+        if path == "/files" and seen.method == "POST":
+            file_id = f"file-{len(self.files) + 1}-" + hashlib.sha256(seen.body).hexdigest()[:8]
+            self.files[file_id] = {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(seen.body),
+                "created_at": 1,
+                "filename": "upload",
+                "purpose": "batch",
+                "status": "processed",
+                "key": key,
+            }
+            return await self._json(
+                send,
+                200,
+                headers,
+                public.get(file_id) or {k: v for k, v in self.files[file_id].items() if k != "key"},
+            )
+        if path == "/files":
+            return await self._json(
+                send, 200, headers, {"object": "list", "data": list(public.values())}
+            )
+        file_id = path.removeprefix("/files/")
+        if file_id not in mine:
+            return await self._json(
+                send,
+                404,
+                headers,
+                {
+                    "error": {
+                        "message": f"No such File object: {file_id}",
+                        "type": "invalid_request_error",
+                        "param": "id",
+                        "code": None,
+                    }
+                },
+            )
+        if seen.method == "DELETE":
+            del self.files[file_id]
+            return await self._json(
+                send, 200, headers, {"id": file_id, "object": "file", "deleted": True}
+            )
+        return await self._json(send, 200, headers, public[file_id])
 
     @staticmethod
     async def _json(send: Any, status: int, headers: list[tuple[bytes, bytes]], obj: Any) -> None:
@@ -322,6 +418,8 @@ class FakeOpenAI:
     ) -> None:
         model = request.get("model")
         with_usage = (request.get("stream_options") or {}).get("include_usage") is True
+        if model in ("sized", "usage-in-last", "huge", "linger"):
+            return await self._prepared_stream(send, headers, model, with_usage, receive)
         await send(
             {
                 "type": "http.response.start",
@@ -395,6 +493,71 @@ class FakeOpenAI:
         self.raw_streams.append(b"".join(sent))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
+    async def _prepared_stream(
+        self,
+        send: Any,
+        headers: list[tuple[bytes, bytes]],
+        model: str,
+        with_usage: bool,
+        receive: Any,
+    ) -> None:
+        """The chat streams whose whole body is known in advance (see the module docstring)."""
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+            obj: dict[str, Any] = {
+                "id": "chatcmpl-s",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **extra,
+            }
+            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+        usage_only = (
+            b"data: "
+            + json.dumps(
+                {
+                    "id": "chatcmpl-s",
+                    "object": "chat.completion.chunk",
+                    "choices": [],
+                    "usage": USAGE,
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n\n"
+        )
+        content = "x" * (3 * 1024 * 1024) if model == "huge" else "tok"
+        blocks = [chunk({"role": "assistant", "content": ""}), chunk({"content": content})]
+        if model == "usage-in-last" and with_usage:
+            blocks.append(chunk({}, "stop", usage=USAGE))
+        else:
+            blocks.append(chunk({}, "stop"))
+            if with_usage:
+                blocks.append(usage_only)
+        blocks.append(b"data: [DONE]\n\n")
+        body = b"".join(blocks)
+        start_headers = [(b"content-type", b"text/event-stream; charset=utf-8"), *headers]
+        if model == "sized":
+            start_headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": start_headers})
+        self.raw_streams.append(body)
+        if model == "huge":  # in 64 KiB pieces, as a socket would deliver it
+            for i in range(0, len(body), 65536):
+                await send(
+                    {"type": "http.response.body", "body": body[i : i + 65536], "more_body": True}
+                )
+        else:
+            for block in blocks:
+                await send({"type": "http.response.body", "body": block, "more_body": True})
+        if model == "linger":  # everything sent, the connection left open
+            self.first_chunk_sent.set()
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            self.stream_closed.set()
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
     async def _responses_stream(
         self, send: Any, headers: list[tuple[bytes, bytes]], model: str | None
     ) -> None:
@@ -406,6 +569,10 @@ class FakeOpenAI:
             }
         )
         final = self._response_object(model)
+        if model == "huge":  # an image in the final event: one 3 MiB event
+            final["output"].append(
+                {"type": "image_generation_call", "id": "ig_1", "result": "A" * (3 * 1024 * 1024)}
+            )
         events = [
             (
                 "response.created",
@@ -432,9 +599,14 @@ class FakeOpenAI:
                 {"type": "response.completed", "sequence_number": 2, "response": final},
             ),
         ]
-        for name, data in events:
-            block = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
-            await send({"type": "http.response.body", "body": block, "more_body": True})
+        body = b"".join(
+            f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events
+        )
+        self.raw_streams.append(body)
+        for i in range(0, len(body), 65536):
+            await send(
+                {"type": "http.response.body", "body": body[i : i + 65536], "more_body": True}
+            )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

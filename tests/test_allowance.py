@@ -4,17 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from stack import Stack
+
+CHAT = b'{"model":"m","messages":[],"max_tokens":1}'
+# What a platform-key request reserves (proxy.platform.estimate_tokens): its body's bytes
+# plus its output limit. The fake charges 18 tokens a call.
+RESERVED = len(CHAT) + 1
 
 
 @pytest.mark.parametrize(
     ("yaml", "allowed"),
     [
         ("tiers:\n  trial:\n    daily_requests: 3\n", 3),
-        # 18 tokens per call: after two calls (36) the 30-token allowance is spent.
-        ("tiers:\n  trial:\n    daily_tokens: 30\n", 2),
+        # Admitted while settled + 43 reserved <= 100: at 0, 18, 36, 54 settled; not at 72.
+        ("tiers:\n  trial:\n    daily_tokens: 100\n", 4),
     ],
 )
 def test_allowance_shared_by_two_replicas(
@@ -23,15 +29,19 @@ def test_allowance_shared_by_two_replicas(
     with Stack(tmp_path, database_url, master_key, yaml=yaml) as stack:
         stack.add_replica()
         key = stack.tenant("trial-co", tier="trial", key=None)
+        assert RESERVED == 43
         outcomes = []
         for i in range(6):
-            client = stack.sdk(key, replica=i % 2)
-            try:
-                client.chat.completions.create(model="m", messages=[])
+            r = httpx.post(
+                stack.urls[i % 2] + "/v1/chat/completions",
+                content=CHAT,
+                headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+            )
+            if r.status_code == 200:
                 outcomes.append("ok")
-            except openai.APIStatusError as exc:
-                assert exc.status_code == 402
-                assert isinstance(exc.body, dict) and exc.body["code"] == "trial_quota_exceeded"
+            else:
+                assert r.status_code == 402, r.text
+                assert r.json()["error"]["code"] == "trial_quota_exceeded"
                 outcomes.append("refused")
         assert outcomes == ["ok"] * allowed + ["refused"] * (6 - allowed)
         assert sum(r.path == "/v1/chat/completions" for r in stack.fake.requests) == allowed
@@ -137,9 +147,9 @@ def test_a_refused_body_costs_no_allowance(tmp_path: Path, master_key: str) -> N
     with Stack.sqlite(tmp_path, master_key, yaml=yaml) as stack:
         key = stack.tenant("trial-co", tier="trial", key=None)
         big = httpx.post(
-            stack.url + "/v1/files",
+            stack.url + "/v1/chat/completions",
             content=iter([b"x" * 5000]),
-            headers={"Authorization": f"Bearer {key}"},
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
         )
         assert big.status_code == 413
         stack.sdk(key).chat.completions.create(model="m", messages=[])  # the one allowed

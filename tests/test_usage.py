@@ -16,7 +16,7 @@ from fake_openai import USAGE
 from servers import free_port
 from stack import Stack
 
-from proxy.streaming import JSONTail, SSEScanner, Usage, ask_for_usage
+from proxy.streaming import BodyUsage, SSEScanner, Usage, ask_for_usage
 from proxy.usage import UsageLog, UsageRecord, format_table, summarise
 
 FIELDS = {
@@ -120,25 +120,97 @@ def test_sse_scanner_reads_responses_api_usage() -> None:
     assert scanner.usage == Usage(9, 4, 13)
 
 
-def test_json_tail_finds_usage_at_the_end_of_big_bodies() -> None:
+@pytest.mark.parametrize("block", [4096, 1_000_000])
+def test_body_usage_is_found_by_structure_in_bodies_of_any_size(block: int) -> None:
     body = json.dumps(
         {
             "data": [{"embedding": [0.1] * 50_000}],
-            "note": 'say \\"usage\\": {\\"total_tokens\\": 1}',
+            "note": 'say "usage": {"total_tokens": 1}',
             "usage": {"prompt_tokens": 5, "total_tokens": 5},
+            "user": "usage",
+            "metadata": {"tag": "usage", "usage": "1"},
         }
     ).encode()
-    tail = JSONTail(None)
-    for i in range(0, len(body), 4096):
-        tail.feed(body[i : i + 4096])
-    assert tail.usage() == Usage(5, None, 5)
-    zipped = JSONTail("gzip")
-    zipped.feed(gzip.compress(body))
+    plain = BodyUsage(None)
+    for i in range(0, len(body), block):
+        plain.feed(body[i : i + block])
+    assert plain.usage() == Usage(5, None, 5)
+    zipped = BodyUsage("gzip")
+    packed = gzip.compress(body)
+    for i in range(0, len(packed), block):
+        zipped.feed(packed[i : i + block])
     assert zipped.usage() == Usage(5, None, 5)
-    assert JSONTail(None).usage() is None
-    broken = JSONTail("br")
+    assert BodyUsage(None).usage() is None
+    broken = BodyUsage("br")
     broken.feed(b"\x00\x01")
     assert broken.usage() is None
+
+
+@pytest.mark.parametrize(
+    "decoy",
+    [
+        {"user": "usage"},
+        {"metadata": {"tag": "usage"}},
+        {"instructions": 'return {"usage": {"total_tokens": 1}}'},
+    ],
+)
+def test_body_usage_ignores_the_word_usage_elsewhere(decoy: dict[str, object]) -> None:
+    """Values that say "usage" after the real object cannot hide it (they did with a tail scan)."""
+    body = json.dumps(
+        {"id": "resp_1", "usage": {"input_tokens": 9, "output_tokens": 4, "total_tokens": 13}}
+        | decoy
+    ).encode()
+    scanned = BodyUsage(None)
+    scanned.feed(body)
+    assert scanned.usage() == Usage(9, 4, 13)
+
+
+def test_body_usage_inflation_is_bounded() -> None:
+    from proxy.streaming import MAX_INFLATED
+
+    bomb = gzip.compress(b" " * (MAX_INFLATED + 1024 * 1024))
+    scanned = BodyUsage("gzip")
+    for i in range(0, len(bomb), 65536):
+        scanned.feed(bomb[i : i + 65536])
+    assert scanned.usage() is None
+
+
+@pytest.mark.parametrize("size", [4096, 65536, 10_000_000])
+@pytest.mark.parametrize("strip", [True, False])
+def test_sse_scanner_reads_usage_from_events_of_any_size(size: int, strip: bool) -> None:
+    image = "A" * (3 * 1024 * 1024)
+    completed = json.dumps(
+        {
+            "type": "response.completed",
+            "response": {
+                "output": [{"type": "image_generation_call", "result": image}],
+                "usage": {"input_tokens": 20, "output_tokens": 1600, "total_tokens": 1620},
+            },
+        }
+    ).encode()
+    stream = (
+        b"event: response.created\ndata: {}\n\n"
+        + b"event: response.completed\ndata: "
+        + completed
+        + b"\n\n"
+    )
+    scanner = SSEScanner(strip_usage_chunk=strip)
+    out = b"".join(scanner.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+    out += scanner.finish()
+    assert out == stream  # the event carries usage but is not the usage-only chunk: kept
+    assert scanner.usage == Usage(20, 1600, 1620)
+
+
+def test_sse_scanner_keeps_a_content_chunk_that_carries_usage() -> None:
+    """Only the usage-only chunk (empty choices) is cut, never a chunk with content."""
+    last = (
+        b'data: {"choices":[{"delta":{"content":"end"}}],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+    )
+    scanner = SSEScanner(strip_usage_chunk=True)
+    out = scanner.feed(CHUNK + last + DONE) + scanner.finish()
+    assert out == CHUNK + last + DONE
+    assert scanner.usage == Usage(3, 4, 7)
 
 
 async def test_usage_log_writes_everything_on_close(tmp_path: Path) -> None:

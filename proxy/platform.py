@@ -1,0 +1,114 @@
+"""What the platform key (trial fallback) may be used for: tenants must stay apart on it.
+
+On OpenAI, files, batches, fine-tunes, vector stores, assistants, stored chat
+completions and stored responses belong to the key's project: on a key shared
+by every trial tenant, each could read and delete the others'. So:
+
+- only the endpoints of `platform_key.allowed_endpoints` (stateless ones by
+  default) are served; anything else answers 402 `platform_key_not_allowed`
+  without an upstream call;
+- nothing is stored upstream on the platform key: a Responses request gets
+  `"store":false` spliced in (OpenAI's default is to store), and a request
+  that asks to store (`store: true`) or to read a stored object
+  (`previous_response_id`, `conversation`) is refused the same way;
+- a request body on the platform key must be one JSON object, in UTF-8, with
+  no repeated key (two parsers that disagree on `{"store": false,
+  "store": true}` would be a way around the rule).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxy.errors import BadRequest, PlatformKeyNotAllowed
+
+# Endpoints that report token usage; what they cost is read from it.
+USAGE_ENDPOINTS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"}
+)
+_REFERENCES = ("previous_response_id", "conversation")
+_STORE_PATHS = frozenset({"/v1/responses", "/v1/chat/completions"})
+
+
+def _hint(tenant_id: str) -> str:
+    return f"POST /api/v1/tenants/{tenant_id}/openai-key"
+
+
+def not_allowed(tenant_id: str, method: str, path: str) -> PlatformKeyNotAllowed:
+    return PlatformKeyNotAllowed(
+        f"{method} {path[:100]} is not available on the platform's shared trial key. "
+        "Register your own OpenAI key to use this endpoint (bring your own key: "
+        f"{_hint(tenant_id)})."
+    )
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("repeated key")
+    return obj
+
+
+def check_body(tenant_id: str, path: str, body: bytes) -> tuple[bytes, dict[str, Any]]:
+    """The body to send on the platform key and its parsed object; raises when refused."""
+    try:
+        request = json.loads(body.decode("utf-8"), object_pairs_hook=_no_repeats)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        request = None
+    if not isinstance(request, dict):
+        raise BadRequest(
+            "On the platform's trial key a request body must be one JSON object in UTF-8, "
+            "without repeated keys.",
+            code="invalid_json",
+        )
+    for name in _REFERENCES:
+        if request.get(name) is not None:
+            raise PlatformKeyNotAllowed(
+                f"'{name}' reads a stored object, and nothing is stored on the platform's "
+                "shared trial key. Send the whole conversation in the request, or register "
+                f"your own OpenAI key ({_hint(tenant_id)}).",
+                param=name,
+            )
+    if path in _STORE_PATHS:
+        store = request.get("store")
+        if store is not None and store is not False:
+            raise PlatformKeyNotAllowed(
+                "'store' must be false on the platform's shared trial key: stored objects "
+                "would be shared with every other trial tenant. Register your own OpenAI key "
+                f"to store them ({_hint(tenant_id)}).",
+                param="store",
+            )
+        if "store" not in request and path == "/v1/responses":
+            start = body.index(b"{") + 1
+            splice = b'"store":false,' if request else b'"store":false'
+            body = body[:start] + splice + body[start:]
+            request["store"] = False
+    return body, request
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def estimate_tokens(
+    path: str, request: dict[str, Any] | None, body_size: int, default_output: int
+) -> int:
+    """Tokens to reserve before a platform-key call: an upper bound for text prompts.
+
+    Prompt: the body's size in bytes (a token is at least one byte of text).
+    Output: the request's own limit (`max_completion_tokens`, `max_tokens`,
+    `max_output_tokens`), else `default_output`, times `n` choices.
+    Endpoints that report no usage (models, moderations) reserve nothing.
+    """
+    if path not in USAGE_ENDPOINTS:
+        return 0
+    if path == "/v1/embeddings" or request is None:
+        return body_size
+    limit = None
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        limit = _count(request.get(name))
+        if limit is not None:
+            break
+    choices = max(_count(request.get("n")) or 1, _count(request.get("best_of")) or 1)
+    return body_size + (default_output if limit is None else limit) * choices
