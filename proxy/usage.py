@@ -112,12 +112,14 @@ class UsageLog:
             self._wake.set()
 
     async def _run(self) -> None:
-        while not self._closing:
+        while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), _FLUSH_SECONDS)
             except TimeoutError:
                 pass
             self._wake.clear()
+            if self._closing:
+                return  # close() writes what is left
             if self._lines:
                 batch, self._lines = b"".join(self._lines), []
                 await asyncio.to_thread(self._write, batch)
