@@ -18,7 +18,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -102,6 +102,7 @@ class _Call:
     length: bytes | None  # the caller's Content-Length of a streamed upload
     upload_failure: list[Exception]
     strip_usage: bool
+    settle: Callable[[], Awaitable[None]] | None = None  # the allowance, before the last byte
 
 
 class Forwarder:
@@ -245,11 +246,15 @@ class Forwarder:
         call = _Call(
             url, choice, tenant.ciphertext, body, streamed_body, length, upload_failure, strip_usage
         )
+        if reservation is not None:
+            # Settled before the response's last byte (the tenant's next request sees it),
+            # or, if the request ends any other way, when it ends.
+            call.settle = self._settler(reservation, record)
         try:
             await self._exchange(scope, receive, send, record, rid_header, call)
         finally:
-            if reservation is not None:
-                await self._settle(reservation, record)
+            if call.settle is not None:
+                await call.settle()
 
     async def _exchange(
         self,
@@ -293,16 +298,7 @@ class Forwarder:
             record.upstream_status = response.status
             if watcher is None:
                 watcher = DisconnectWatch(receive, loop, task, record)
-            await self._respond(
-                response,
-                send,
-                record,
-                choice,
-                call.ciphertext,
-                call.strip_usage,
-                watcher,
-                rid_header,
-            )
+            await self._respond(response, send, record, call, watcher, rid_header)
         except asyncio.CancelledError:
             if record.client_disconnected:
                 task.uncancel()
@@ -314,15 +310,24 @@ class Forwarder:
             if response is not None:
                 response.close()
 
-    async def _settle(self, reservation: allowance.Reservation, record: UsageRecord) -> None:
-        """Settle a platform-key request's reservation, even if this task is cancelled."""
-        charge = allowance.charged(reservation, record)
-        job = asyncio.ensure_future(
-            asyncio.to_thread(allowance.settle, self.store.engine, reservation, charge)
-        )
-        self._settling.add(job)
-        job.add_done_callback(self._settling.discard)
-        await asyncio.shield(job)
+    def _settler(
+        self, reservation: allowance.Reservation, record: UsageRecord
+    ) -> Callable[[], Awaitable[None]]:
+        """Settles `reservation` with what `record` shows, once, even if the task is cancelled."""
+        job: asyncio.Future[None] | None = None
+
+        async def settle() -> None:
+            nonlocal job
+            if job is None:
+                charge = allowance.charged(reservation, record)
+                job = asyncio.ensure_future(
+                    asyncio.to_thread(allowance.settle, self.store.engine, reservation, charge)
+                )
+                self._settling.add(job)
+                job.add_done_callback(self._settling.discard)
+            await asyncio.shield(job)
+
+        return settle
 
     async def drain(self) -> None:
         """Wait for settlements still running (at shutdown)."""
@@ -334,12 +339,11 @@ class Forwarder:
         response: aiohttp.ClientResponse,
         send: Send,
         record: UsageRecord,
-        choice: Credential,
-        ciphertext: str | None,
-        strip_usage: bool,
+        call: _Call,
         watcher: DisconnectWatch,
         rid_header: tuple[bytes, bytes],
     ) -> None:
+        choice, ciphertext, strip_usage = call.credential, call.ciphertext, call.strip_usage
         status = response.status
         if status == 401:
             if choice.source == "platform":
@@ -378,6 +382,8 @@ class Forwarder:
                     ),
                 }
             )
+            if call.settle is not None:
+                await call.settle()
             watcher.stop()
             await send({"type": "http.response.body", "body": error_body})
             return
@@ -398,6 +404,8 @@ class Forwarder:
             whole = BodyUsage(response.headers.get("Content-Encoding"))
             whole.feed(data)
             record.usage = whole.usage()
+            if call.settle is not None:
+                await call.settle()
             watcher.stop()
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": data})
@@ -432,6 +440,8 @@ class Forwarder:
                 record.usage = scanner.usage
         rest = scanner.finish() if scanner is not None else b""
         record.usage = scanner.usage if scanner is not None else body_usage.usage()  # type: ignore[union-attr]
+        if call.settle is not None:
+            await call.settle()
         watcher.stop()
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
