@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 from stack import Stack
 
 from proxy.store import Store
@@ -99,3 +100,30 @@ def test_concurrent_misses_share_one_database_read(
         assert outcomes == ["ok"] * 20
         # One read of the proxy key, one of the tenant, for twenty cold requests.
         assert store.loads - before == 2, store.loads - before
+
+
+def test_a_key_removal_racing_a_tenant_lookup_is_honoured_at_once(
+    tmp_path: Path, database_url: str, master_key: str
+) -> None:
+    """The tenant side of the same race: a tenant read that saw the OpenAI key before it
+    was removed must not cache it; the next request answers 402 openai_key_missing."""
+    with Stack(tmp_path, database_url, master_key, yaml="cache_ttl_seconds: 30\n") as stack:
+        key = stack.tenant("acme", tier="pro")
+        assert _chat(stack.sdk(key)) == "ok"  # the proxy key is cached now
+        store = stack.apps[0].runtime.store
+        store.invalidate_tenant("acme")
+        gate = Gate(store)
+        gate.armed = True  # holds the next read: the tenant's
+        outcome: list[str] = []
+        first = threading.Thread(target=lambda: outcome.append(_chat(stack.sdk(key))))
+        first.start()
+        assert gate.reached.wait(10)
+        assert stack.admin.delete("/api/v1/tenants/acme/openai-key").status_code == 204
+        gate.release.set()
+        first.join(10)
+        assert outcome == ["ok"]
+        with pytest.raises(openai.APIStatusError) as info:
+            stack.sdk(key).chat.completions.create(model="m", messages=[])
+        assert info.value.status_code == 402
+        assert isinstance(info.value.body, dict)
+        assert info.value.body["code"] == "openai_key_missing"
