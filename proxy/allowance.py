@@ -24,18 +24,21 @@ platform's side).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from sqlalchemy import update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.config import TierPolicy
 from proxy.models import TrialAllowance
 from proxy.platform import USAGE_ENDPOINTS
 from proxy.usage import UsageRecord
 
+log = logging.getLogger("byok.allowance")
 _TABLE = TrialAllowance.__table__  # type: ignore[attr-defined]
 
 
@@ -98,7 +101,25 @@ def charged(reservation: Reservation, record: UsageRecord) -> int:
 
 
 def settle(engine: Engine, reservation: Reservation, tokens: int) -> None:
-    """Release `reservation` and charge `tokens` to the day it was made on."""
+    """Release `reservation` and charge `tokens` to the day it was made on.
+
+    A database error is logged, not raised: the answer the tenant already got
+    must not be spoiled, and the reservation then stays held until the day ends
+    (it errs on the platform's side).
+    """
+    try:
+        _settle(engine, reservation, tokens)
+    except SQLAlchemyError as exc:
+        log.error(
+            "trial allowance of tenant %s not settled (%d tokens, %d reserved): %s",
+            reservation.tenant_id,
+            tokens,
+            reservation.tokens,
+            type(exc).__name__,
+        )
+
+
+def _settle(engine: Engine, reservation: Reservation, tokens: int) -> None:
     with engine.begin() as conn:
         conn.execute(
             update(_TABLE)

@@ -54,6 +54,7 @@ DEFAULT_PLATFORM_ENDPOINTS = (
     "GET /v1/models",
     "GET /v1/models/*",
 )
+_SEGMENT = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]*")  # what a trailing * matches
 _ENDPOINT = re.compile(r"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/v1/[A-Za-z0-9_./{}-]*\*?)")
 
 
@@ -61,7 +62,8 @@ _ENDPOINT = re.compile(r"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/v1/[A-Za-z0-
 class PlatformKeyPolicy:
     """What the platform key (trial fallback) may be used for, and how it is metered.
 
-    `endpoints` are "METHOD /v1/path" entries; a trailing `*` matches any rest.
+    `endpoints` are "METHOD /v1/path" entries; a trailing `*` matches one path
+    segment (an id such as `gpt-4o-mini`: no slash, no dot segment, no escape).
     `default_output_tokens` is the output reserved for a request that states no
     `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
     """
@@ -78,7 +80,8 @@ class PlatformKeyPolicy:
         entry = f"{method} {path}"
         for allowed in self.endpoints:
             if allowed.endswith("*"):
-                if entry.startswith(allowed[:-1]) and "%" not in path:
+                rest = entry[len(allowed) - 1 :]
+                if entry.startswith(allowed[:-1]) and _SEGMENT.fullmatch(rest):
                     return True
             elif entry == allowed:
                 return True

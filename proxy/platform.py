@@ -9,8 +9,10 @@ by every trial tenant, each could read and delete the others'. So:
   without an upstream call;
 - nothing is stored upstream on the platform key: a Responses request gets
   `"store":false` spliced in (OpenAI's default is to store), and a request
-  that asks to store (`store: true`) or to read a stored object
-  (`previous_response_id`, `conversation`) is refused the same way;
+  that asks to store (`store` present and not `false`) or to use a stored
+  object (`previous_response_id`, `conversation`, and at any depth
+  `item_reference` items, `file_id`, `vector_store_ids`, a container by id)
+  is refused the same way;
 - a request body on the platform key must be one JSON object, in UTF-8, with
   no repeated key (two parsers that disagree on `{"store": false,
   "store": true}` would be a way around the rule).
@@ -19,6 +21,7 @@ by every trial tenant, each could read and delete the others'. So:
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from proxy.errors import BadRequest, PlatformKeyNotAllowed
@@ -70,9 +73,18 @@ def check_body(tenant_id: str, path: str, body: bytes) -> tuple[bytes, dict[str,
                 f"your own OpenAI key ({_hint(tenant_id)}).",
                 param=name,
             )
+    found = _stored_reference(request)
+    if found is not None:
+        raise PlatformKeyNotAllowed(
+            f"'{found}' refers to an object stored upstream (a file, vector store, container "
+            "or stored item); on the platform's shared trial key those would be every trial "
+            f"tenant's. Send the content itself, or register your own OpenAI key "
+            f"({_hint(tenant_id)}).",
+            param=found,
+        )
     if path in _STORE_PATHS:
         store = request.get("store")
-        if store is not None and store is not False:
+        if "store" in request and store is not False:
             raise PlatformKeyNotAllowed(
                 "'store' must be false on the platform's shared trial key: stored objects "
                 "would be shared with every other trial tenant. Register your own OpenAI key "
@@ -87,8 +99,41 @@ def check_body(tenant_id: str, path: str, body: bytes) -> tuple[bytes, dict[str,
     return body, request
 
 
+# Fields, at any depth, that name an object stored in the key's project.
+_REFERENCE_FIELDS = frozenset({"file_id", "file_ids", "vector_store_ids", "container_id"})
+
+
+def _stored_reference(value: Any, depth: int = 0) -> str | None:
+    """The first field of `value` that points at a stored object, or None."""
+    if depth > 64:
+        return "body"  # nothing OpenAI accepts is this deep
+    if isinstance(value, dict):
+        if value.get("type") == "item_reference":
+            return "item_reference"
+        container = value.get("container")
+        if container is not None and not isinstance(container, dict):
+            return "container"
+        for name, item in value.items():
+            if name in _REFERENCE_FIELDS and item is not None:
+                return name
+            found = _stored_reference(item, depth + 1)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for item in value:
+            found = _stored_reference(item, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
 def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A non-negative count (an integral float counts too: OpenAI accepts 8.0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0:
+        return None
+    return math.ceil(value)
 
 
 def estimate_tokens(
@@ -111,4 +156,8 @@ def estimate_tokens(
         if limit is not None:
             break
     choices = max(_count(request.get("n")) or 1, _count(request.get("best_of")) or 1)
+    prompt = request.get("prompt")
+    if path == "/v1/completions" and isinstance(prompt, list) and prompt:
+        if not all(isinstance(p, int) for p in prompt):  # a list of prompts, not of tokens
+            choices *= len(prompt)
     return body_size + (default_output if limit is None else limit) * choices

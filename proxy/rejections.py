@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from typing import Any
 
 from proxy.errors import UpstreamUnauthorized
 from proxy.scrub import scrub
+from proxy.streaming import Inflater
 
 # OpenAI's codes for "this key itself is unusable" (invalid, revoked or expired; the
 # account deactivated; the key's owner no longer in any organization).
@@ -49,11 +49,10 @@ _DEFAULT_HINT = (
 
 def error_object(body: bytes, encoding: str | None) -> dict[str, Any]:
     """The `error` object of an upstream error body (gzip/deflate or plain), or {}."""
-    if encoding:
-        try:
-            body = zlib.decompressobj(wbits=47).decompress(body, 1024 * 1024)
-        except zlib.error:
-            return {}
+    decoded = Inflater(encoding).feed(body)
+    if decoded is None:
+        return {}
+    body = decoded
     try:
         error = json.loads(body).get("error")
     except (ValueError, AttributeError, RecursionError):

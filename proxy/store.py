@@ -17,6 +17,7 @@ holds ciphertext at most, never a plaintext key.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,6 +123,7 @@ class Store:
         self._tenants: dict[str, tuple[float, TenantSnapshot | None]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self._generation = 0  # bumped by every invalidation
+        self._lock = threading.Lock()  # generation check + cache write vs bump + clear
         self.loads = 0  # database lookups made (tests count them)
 
     @classmethod
@@ -164,10 +166,11 @@ class Store:
                 )
             ).first()
         found = Principal(row.tenant_id, row.id) if row else None
-        if generation == self._generation:  # else a change raced this read: don't keep it
-            if len(self._keys) >= _MAX_CACHED:  # unknown keys are cached too: stay bounded
-                self._keys.clear()
-            self._keys[digest] = (time.monotonic() + self.cache_ttl, found)
+        with self._lock:
+            if generation == self._generation:  # else a change raced this read: don't keep it
+                if len(self._keys) >= _MAX_CACHED:  # unknown keys are cached too: stay bounded
+                    self._keys.clear()
+                self._keys[digest] = (time.monotonic() + self.cache_ttl, found)
         return found
 
     def _load_tenant(self, tenant_id: str) -> TenantSnapshot | None:
@@ -180,10 +183,11 @@ class Store:
             if row
             else None
         )
-        if generation == self._generation:
-            if len(self._tenants) >= _MAX_CACHED:
-                self._tenants.clear()
-            self._tenants[tenant_id] = (time.monotonic() + self.cache_ttl, snap)
+        with self._lock:
+            if generation == self._generation:
+                if len(self._tenants) >= _MAX_CACHED:
+                    self._tenants.clear()
+                self._tenants[tenant_id] = (time.monotonic() + self.cache_ttl, snap)
         return snap
 
     def principal(self, proxy_key: str) -> Principal | None:
@@ -209,7 +213,7 @@ class Store:
 
             def forget(done: asyncio.Future[Any]) -> None:
                 if self._inflight.get(key) is done:  # not a newer load after an invalidation
-                    del self._inflight[key]
+                    self._inflight.pop(key, None)
 
             pending.add_done_callback(forget)
         return await asyncio.shield(pending)
@@ -234,14 +238,16 @@ class Store:
 
     def invalidate_tenant(self, tenant_id: str) -> None:
         """Forget the cached tenant so this replica sees a change at once."""
-        self._generation += 1
-        self._tenants.pop(tenant_id, None)
+        with self._lock:
+            self._generation += 1
+            self._tenants.pop(tenant_id, None)
         self._inflight.pop(("tenant", tenant_id), None)
 
     def invalidate_keys(self) -> None:
         """Forget every cached proxy-key lookup (after a revocation or deletion)."""
-        self._generation += 1
-        self._keys.clear()
+        with self._lock:
+            self._generation += 1
+            self._keys.clear()
         for key in list(self._inflight):  # list(): atomic, callers may be in a thread
             if key[0] == "key":
                 self._inflight.pop(key, None)

@@ -255,6 +255,16 @@ class SSEScanner:
         data = self._inflate.feed(block)
         if data is None:  # unreadable stream: pass it on untouched
             return self._release() + block if self.strip else block
+        if (
+            not self._parts
+            and self._big is None
+            and data.endswith(b"\n\n")
+            and _MARKER not in data
+            and data is block
+        ):
+            # The usual block: whole events, none with usage. Nothing to hold or read.
+            self._carry = data[-3:]
+            return block
         if not self.strip:
             self._frame(data, None)
             return block

@@ -123,16 +123,57 @@ def test_nothing_is_stored_upstream_on_the_platform_key(stack: Stack) -> None:
 
 
 @pytest.mark.parametrize(
-    ("body", "content_type"),
+    ("body", "content_type", "status", "code"),
     [
-        (b'{"model":"m","input":"x","store":false,"store":true}', "application/json"),
-        (b'{"model":"m","input":"x","previous_response_id":"resp_1"}', "text/plain"),
-        (b"not json", "application/json"),
-        ('{"model":"m","input":"x"}'.encode("utf-16"), "application/json"),
+        # Last-wins parsers read store=false here; another parser could read true.
+        (
+            b'{"model":"m","input":"x","store":true,"store":false}',
+            "application/json",
+            400,
+            "invalid_json",
+        ),
+        (
+            b'{"model":"m","input":"x","store":null}',
+            "application/json",
+            402,
+            "platform_key_not_allowed",
+        ),
+        (
+            b'{"model":"m","input":"x","previous_response_id":"resp_1"}',
+            "text/plain",
+            402,
+            "platform_key_not_allowed",
+        ),
+        (
+            b'{"model":"m","input":[{"type":"item_reference","id":"msg_1"}]}',
+            "application/json",
+            402,
+            "platform_key_not_allowed",
+        ),
+        (
+            b'{"model":"m","input":"x","tools":[{"type":"code_interpreter","container":"cntr_1"}]}',
+            "application/json",
+            402,
+            "platform_key_not_allowed",
+        ),
+        (
+            b'{"model":"m","input":"x","tools":[{"type":"file_search","vector_store_ids":["vs_1"]}]}',
+            "application/json",
+            402,
+            "platform_key_not_allowed",
+        ),
+        (
+            b'{"model":"m","input":[{"role":"user","content":[{"type":"input_file","file_id":"f"}]}]}',
+            "application/json",
+            402,
+            "platform_key_not_allowed",
+        ),
+        (b"not json", "application/json", 400, "invalid_json"),
+        ('{"model":"m","input":"x"}'.encode("utf-16"), "application/json", 400, "invalid_json"),
     ],
 )
 def test_platform_bodies_are_checked_whatever_they_claim_to_be(
-    stack: Stack, body: bytes, content_type: str
+    stack: Stack, body: bytes, content_type: str, status: int, code: str
 ) -> None:
     key = stack.tenant("trial-a", tier="trial", key=None)
     before = len(stack.fake.requests)
@@ -141,8 +182,27 @@ def test_platform_bodies_are_checked_whatever_they_claim_to_be(
         content=body,
         headers={"Authorization": f"Bearer {key}", "Content-Type": content_type},
     )
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+    assert len(stack.fake.requests) == before
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("HEAD", "/v1/chat/completions"),
+        ("GET", "/v1/models//files"),
+        ("GET", "/v1/models/gpt-4o/files"),
+        ("GET", "/v1/models/%66iles"),
+        ("GET", "/v1/files?purpose=batch"),
+    ],
+)
+def test_allow_list_matches_exactly(stack: Stack, method: str, path: str) -> None:
+    key = stack.tenant("trial-a", tier="trial", key=None)
+    before = len(stack.fake.requests)
+    r = httpx.request(method, stack.url + path, headers={"Authorization": f"Bearer {key}"})
     assert r.status_code in (400, 402), r.text
-    assert r.json()["error"]["code"] in ("invalid_json", "platform_key_not_allowed")
+    if method != "HEAD":
+        assert r.json()["error"]["code"] in ("platform_key_not_allowed", "invalid_path")
     assert len(stack.fake.requests) == before
 
 
