@@ -438,6 +438,8 @@ class Forwarder:
             # the usage already seen is what the request cost.
             if scanner is not None:
                 record.usage = scanner.usage
+            elif body_usage is not None:
+                record.usage = body_usage.seen()
         rest = scanner.finish() if scanner is not None else b""
         record.usage = scanner.usage if scanner is not None else body_usage.usage()  # type: ignore[union-attr]
         if call.settle is not None:

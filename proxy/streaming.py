@@ -215,6 +215,12 @@ class BodyUsage:
         elif self._parser is not None:
             self._parser.feed(data)
 
+    def seen(self) -> Usage | None:
+        """The usage already passed in a big body that did not end (a client that left)."""
+        if self._parser is None:
+            return None
+        return next((u for u in map(Usage.from_object, self._parser.found) if u), None)
+
     def usage(self) -> Usage | None:
         """The usage, once the whole body was fed; None if there is none or it is unreadable."""
         if self._small is not None:

@@ -547,3 +547,13 @@ def test_store_caches_stay_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert store.tenant(f"t{i}") is None
     assert len(store._keys) <= 10 and len(store._tenants) <= 10
     store.dispose()
+
+
+def test_body_usage_seen_before_a_big_body_ends() -> None:
+    """A client that leaves after the usage of a big body passed still pays that usage."""
+    head = b'{"output":"' + b"x" * 400_000 + b'","usage":{"input_tokens":9,"output_tokens":4,'
+    head += b'"total_tokens":13},"metadata":{"note":"'
+    scanned = BodyUsage(None)
+    scanned.feed(head)
+    scanned.feed(b"y" * 10_000)  # the body goes on; the client leaves here
+    assert scanned.seen() == Usage(9, 4, 13)
