@@ -29,7 +29,9 @@ from typing import Any
 
 import ijson
 
-_MARKER = b'"usage"'
+# A cheap filter, not the decision: only events where a usage *object* may start are parsed
+# (with include_usage, every chunk carries `"usage":null`).
+_MARKER = re.compile(rb'"usage"\s*:\s*\{')
 _SMALL_EVENT = 256 * 1024  # parsed whole; bigger events are parsed as they pass
 _MAX_HELD = 64 * 1024  # strip mode: longest partial event held back (usage chunks are tiny)
 MAX_INFLATED = 64 * 1024 * 1024  # most bytes inflated to read one compressed body
@@ -265,7 +267,7 @@ class SSEScanner:
             not self._parts
             and self._big is None
             and data.endswith(b"\n\n")
-            and _MARKER not in data
+            and not _MARKER.search(data)
             and data is block
         ):
             # The usual block: whole events, none with usage. Nothing to hold or read.
@@ -336,7 +338,7 @@ class SSEScanner:
             event = b"".join([*self._parts, piece]) if self._parts else piece
             self._parts, self._size = [], 0
             usage = None
-            if _MARKER in event:
+            if _MARKER.search(event):
                 obj = _event_json(event)
                 usage = event_usage(obj)
         if usage is not None:
