@@ -105,6 +105,14 @@ class _Call:
     settle: Callable[[], Awaitable[None]] | None = None  # the allowance, before the last byte
 
 
+async def _before_last_send(call: _Call, watcher: DisconnectWatch) -> None:
+    """Settle the allowance (the tenant's next request then sees it) and stop watching the
+    caller (uvicorn reports a disconnect once the last message is sent)."""
+    if call.settle is not None:
+        await call.settle()
+    watcher.stop()
+
+
 class Forwarder:
     """The /v1 handler; one per worker, holding the runtime and the upstream client."""
 
@@ -382,9 +390,7 @@ class Forwarder:
                     ),
                 }
             )
-            if call.settle is not None:
-                await call.settle()
-            watcher.stop()
+            await _before_last_send(call, watcher)
             await send({"type": "http.response.body", "body": error_body})
             return
 
@@ -404,9 +410,7 @@ class Forwarder:
             whole = BodyUsage(response.headers.get("Content-Encoding"))
             whole.feed(data)
             record.usage = whole.usage()
-            if call.settle is not None:
-                await call.settle()
-            watcher.stop()
+            await _before_last_send(call, watcher)
             await send({"type": "http.response.start", "status": status, "headers": headers})
             await send({"type": "http.response.body", "body": data})
             return
@@ -442,9 +446,7 @@ class Forwarder:
                 record.usage = body_usage.seen()
         rest = scanner.finish() if scanner is not None else b""
         record.usage = scanner.usage if scanner is not None else body_usage.usage()  # type: ignore[union-attr]
-        if call.settle is not None:
-            await call.settle()
-        watcher.stop()
+        await _before_last_send(call, watcher)
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
     def _inspect_json(

@@ -137,6 +137,11 @@ class Inflater:
         self._zlib = zlib.decompressobj(wbits=47) if compressed else None
         self._left = MAX_INFLATED
 
+    @property
+    def compressed(self) -> bool:
+        """True for a gzip/deflate body (its bytes are not the text)."""
+        return self._zlib is not None
+
     def feed(self, block: bytes) -> bytes | None:
         """The decoded bytes of `block`; None once the body cannot be read further."""
         if not self.readable:
@@ -248,7 +253,7 @@ class SSEScanner:
         self.strip = strip_usage_chunk
         self.usage: Usage | None = None
         self._inflate = Inflater(content_encoding)
-        if self._inflate._zlib is not None:
+        if self._inflate.compressed:
             self.strip = False  # compressed anyway: pass it as it is, read a decoded copy
         self._parts: list[bytes] = []  # the current event so far (small events)
         self._size = 0

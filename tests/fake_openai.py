@@ -430,16 +430,7 @@ class FakeOpenAI:
         sent: list[bytes] = []
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            obj: dict[str, Any] = {
-                "id": "chatcmpl-s",
-                "object": "chat.completion.chunk",
-                "created": 1,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-            }
-            if with_usage:
-                obj["usage"] = None
-            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+            return _chunk(model, delta, finish, **({"usage": None} if with_usage else {}))
 
         async def emit(data: bytes) -> None:
             sent.append(data)
@@ -504,15 +495,7 @@ class FakeOpenAI:
         """The chat streams whose whole body is known in advance (see the module docstring)."""
 
         def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
-            obj: dict[str, Any] = {
-                "id": "chatcmpl-s",
-                "object": "chat.completion.chunk",
-                "created": 1,
-                "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-                **extra,
-            }
-            return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+            return _chunk(model, delta, finish, **extra)
 
         usage_only = (
             b"data: "
@@ -608,6 +591,19 @@ class FakeOpenAI:
                 {"type": "http.response.body", "body": body[i : i + 65536], "more_body": True}
             )
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _chunk(model: Any, delta: dict[str, Any], finish: str | None, **extra: Any) -> bytes:
+    """One chat.completion.chunk event, compact as OpenAI sends it."""
+    obj: dict[str, Any] = {
+        "id": "chatcmpl-s",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
 def _gzipping(send: Any) -> Any:

@@ -153,3 +153,21 @@ def test_a_refused_body_costs_no_allowance(tmp_path: Path, master_key: str) -> N
         )
         assert big.status_code == 413
         stack.sdk(key).chat.completions.create(model="m", messages=[])  # the one allowed
+
+
+def test_a_failed_settlement_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The tenant already has its answer: a database error while settling must not spoil it
+    (the reservation then stays held, on the platform's side), and it is said loudly."""
+    import logging
+
+    import sqlalchemy
+
+    from proxy.allowance import Reservation, settle, today
+
+    broken = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}")
+    with caplog.at_level(logging.ERROR, logger="byok.allowance"):
+        settle(broken, Reservation("trial-co", today(), 44), 18)
+    assert "trial allowance of tenant trial-co not settled" in caplog.text
+    broken.dispose()

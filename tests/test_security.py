@@ -213,6 +213,24 @@ def test_head_revision_matches_the_migrations() -> None:
     assert ScriptDirectory.from_config(cfg).get_current_head() == HEAD_REVISION
 
 
+def _write_while_rotating(monkeypatch: pytest.MonkeyPatch, store: Store, ciphertext: str) -> None:
+    """Make rotate-keys race a write: tenant-a's row gets `ciphertext` just as rotation
+    decrypts its old one (between its read and its guarded update)."""
+    real_decrypt = Keyring.decrypt
+
+    def decrypt_then_race(self: Keyring, stored: str, tenant_id: str) -> Secret:
+        if tenant_id == "tenant-a":
+            with store.session() as s:
+                row = s.get(Tenant, "tenant-a")
+                assert row is not None
+                row.openai_api_key_encrypted = ciphertext
+                s.add(row)
+                s.commit()
+        return real_decrypt(self, stored, tenant_id)
+
+    monkeypatch.setattr(Keyring, "decrypt", decrypt_then_race)
+
+
 def test_rotation_leaves_a_concurrent_change_alone(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -221,19 +239,7 @@ def test_rotation_leaves_a_concurrent_change_alone(
     store = _store_with_tenants(database_url, Keyring.parse(old))
     ring = Keyring.parse(f"{new},{old}")
     fresh = Keyring.parse(new).encrypt(OTHER_KEY, "tenant-a")
-    real_decrypt = Keyring.decrypt
-
-    def decrypt_then_race(self: Keyring, ciphertext: str, tenant_id: str) -> Secret:
-        if tenant_id == "tenant-a":  # the admin API replaces A's key right now
-            with store.session() as s:
-                row = s.get(Tenant, "tenant-a")
-                assert row is not None
-                row.openai_api_key_encrypted = fresh
-                s.add(row)
-                s.commit()
-        return real_decrypt(self, ciphertext, tenant_id)
-
-    monkeypatch.setattr(Keyring, "decrypt", decrypt_then_race)
+    _write_while_rotating(monkeypatch, store, fresh)  # the admin API replaces A's key now
     report = rotate_all(store, ring)
     assert (report.rotated, report.current, report.failed) == (1, 1, 0)
     assert store.load_ciphertext("tenant-a") == fresh
@@ -252,19 +258,7 @@ def test_rotation_counts_a_key_written_meanwhile_under_an_old_master_key(
     store = _store_with_tenants(database_url, Keyring.parse(old))
     ring = Keyring.parse(f"{new},{old}")
     stale = Keyring.parse(old).encrypt(OTHER_KEY, "tenant-a")
-    real_decrypt = Keyring.decrypt
-
-    def decrypt_then_race(self: Keyring, ciphertext: str, tenant_id: str) -> Secret:
-        if tenant_id == "tenant-a":
-            with store.session() as s:
-                row = s.get(Tenant, "tenant-a")
-                assert row is not None
-                row.openai_api_key_encrypted = stale
-                s.add(row)
-                s.commit()
-        return real_decrypt(self, ciphertext, tenant_id)
-
-    monkeypatch.setattr(Keyring, "decrypt", decrypt_then_race)
+    _write_while_rotating(monkeypatch, store, stale)
     report = rotate_all(store, ring)
     assert (report.rotated, report.failed, report.remaining) == (1, 0, 1)
     assert not report.complete

@@ -90,12 +90,17 @@ USAGE_CHUNK = (
 DONE = b"data: [DONE]\n\n"
 
 
+def scan(scanner: SSEScanner, stream: bytes, size: int) -> bytes:
+    """Feed `stream` to `scanner` in `size`-byte blocks; what the client would receive."""
+    out = b"".join(scanner.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+    return out + scanner.finish()
+
+
 @pytest.mark.parametrize("size", [1, 3, 7, 50, 10_000])
 def test_sse_scanner_strips_usage_chunk_across_any_split(size: int) -> None:
     stream = CHUNK * 3 + USAGE_CHUNK + DONE
     scanner = SSEScanner(strip_usage_chunk=True)
-    out = b"".join(scanner.feed(stream[i : i + size]) for i in range(0, len(stream), size))
-    out += scanner.finish()
+    out = scan(scanner, stream, size)
     assert out == CHUNK * 3 + DONE
     assert scanner.usage == Usage(3, 4, 7)
 
@@ -195,8 +200,7 @@ def test_sse_scanner_reads_usage_from_events_of_any_size(size: int, strip: bool)
         + b"\n\n"
     )
     scanner = SSEScanner(strip_usage_chunk=strip)
-    out = b"".join(scanner.feed(stream[i : i + size]) for i in range(0, len(stream), size))
-    out += scanner.finish()
+    out = scan(scanner, stream, size)
     assert out == stream  # the event carries usage but is not the usage-only chunk: kept
     assert scanner.usage == Usage(20, 1600, 1620)
 
@@ -512,8 +516,7 @@ CRLF_USAGE = USAGE_CHUNK.replace(b"\n", b"\r\n")
 def test_sse_scanner_handles_crlf_events(size: int) -> None:
     stream = CRLF_CHUNK * 2 + CRLF_USAGE + DONE.replace(b"\n", b"\r\n")
     scanner = SSEScanner(strip_usage_chunk=True)
-    out = b"".join(scanner.feed(stream[i : i + size]) for i in range(0, len(stream), size))
-    out += scanner.finish()
+    out = scan(scanner, stream, size)
     assert out == CRLF_CHUNK * 2 + DONE.replace(b"\n", b"\r\n")
     assert scanner.usage == Usage(3, 4, 7)
 
