@@ -8,6 +8,7 @@ are built in the lifespan and live on `ByokApp.runtime`, never at import.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hmac
 import itertools
@@ -150,7 +151,8 @@ class ByokApp:
             if not hmac.compare_digest(given, expected):
                 await send_error(send, Unauthorized("GET /metrics needs the admin token."))
                 return
-        body = self.runtime.metrics.render()
+        # Off the loop: a large page takes a while to render, and requests must not wait.
+        body = await asyncio.to_thread(self.runtime.metrics.render)
         await send(
             {
                 "type": "http.response.start",

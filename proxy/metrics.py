@@ -1,6 +1,8 @@
 """Prometheus metrics (prometheus-client): requests, latency, upstream latency, tokens, streams.
 
-Each app gets its own registry. With several workers, `byok-proxy serve`
+Label values come from bounded sets (an OpenAI route template or `other`;
+a tenant only once it has authenticated), so no caller can grow the page.
+Rendering runs in a thread, off the event loop. Each app gets its own registry. With several workers, `byok-proxy serve`
 sets `PROMETHEUS_MULTIPROC_DIR` so every worker's counts are summed at scrape
 time (prometheus-client's multiprocess mode).
 """
@@ -20,16 +22,11 @@ from prometheus_client import (
     multiprocess,
 )
 
+from proxy.routes import template
 from proxy.usage import UsageRecord
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-
-def path_family(path: str) -> str:
-    """`/v1/chat/completions` → `chat`; `/v1/files/abc` → `files` (bounded label values)."""
-    parts = path.split("/", 3)
-    return parts[2] if len(parts) > 2 and parts[2] else "other"
 
 
 class Metrics:
@@ -42,7 +39,7 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "byok_requests",
-            "Requests to /v1 by tenant, status and path family",
+            "Requests to /v1 by tenant, status and OpenAI route (`other` if none)",
             ["tenant", "status", "path"],
             registry=r,
         )
@@ -80,7 +77,8 @@ class Metrics:
 
     def observe(self, record: UsageRecord) -> None:
         """Count one finished request."""
-        family = path_family(record.path)
+        # Bounded label values only: a route template, a tenant that authenticated.
+        family = template(record.path)
         tenant = record.tenant_id or "unknown"
         self._child(self.requests, tenant, str(record.status), family).inc()
         if record.duration_ms is not None:

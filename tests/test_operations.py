@@ -78,16 +78,16 @@ def test_metrics_move_with_requests(stack: Stack) -> None:
     )
     after = httpx.get(stack.url + "/metrics").text
     assert (
-        requests_count(after, "acme", "200", "chat")
-        - requests_count(before.text, "acme", "200", "chat")
+        requests_count(after, "acme", "200", "/v1/chat/completions")
+        - requests_count(before.text, "acme", "200", "/v1/chat/completions")
         == 3
     )
-    assert requests_count(after, "unknown", "401", "chat") == 1
+    assert requests_count(after, "unknown", "401", "/v1/chat/completions") == 1
     assert tokens_count(after, "acme", "prompt") - tokens_count(before.text, "acme", "prompt") == 33
     assert tokens_count(after, "acme", "completion") == 21
     hist = samples(after)
-    assert hist[("byok_request_duration_seconds_count", (("path", "chat"),))] == 4
-    assert hist[("byok_upstream_ttfb_seconds_count", (("path", "chat"),))] == 3
+    assert hist[("byok_request_duration_seconds_count", (("path", "/v1/chat/completions"),))] == 4
+    assert hist[("byok_upstream_ttfb_seconds_count", (("path", "/v1/chat/completions"),))] == 3
     assert ("byok_open_streams", ()) in hist
 
 
@@ -123,7 +123,7 @@ def test_metrics_add_up_across_workers(tmp_path: Path, database_url: str, master
         for _ in range(4):  # whichever worker answers the scrape, it reports all of them
             with httpx.Client() as client:
                 scrape = client.get(url + "/metrics").text
-                assert requests_count(scrape, "t", "200", "models") == sent
+                assert requests_count(scrape, "t", "200", "/v1/models") == sent
     lines = (tmp_path / "usage.jsonl").read_text().splitlines()
     assert len(lines) == sent
 
