@@ -30,7 +30,7 @@ from proxy.runtime import Runtime
 from proxy.security import Vault
 from proxy.store import Store, migrate
 from proxy.upstream import make_client
-from proxy.usage import UsageLog
+from proxy.usage_sink import UsageLog
 
 log = logging.getLogger("byok")
 
@@ -70,14 +70,19 @@ class ByokApp:
         store = Store.connect(config.database_url, config.cache_ttl_seconds)
         await run_in_threadpool(migrate, store.engine)
         upstream_client = make_client(config.upstream)
-        usage_log = UsageLog(config.usage_log)
+        metrics = Metrics()
+        usage_log = UsageLog(
+            config.usage_log,
+            on_drop=metrics.usage_dropped.inc,
+            on_health=lambda ok: metrics.usage_log_writable.set(1 if ok else 0),
+        )
         await usage_log.start()
         runtime = Runtime(
             config=config,
             store=store,
             vault=Vault(config.keyring, store.load_ciphertext),
             usage_log=usage_log,
-            metrics=Metrics(),
+            metrics=metrics,
         )
         self.forwarder = Forwarder(runtime, upstream_client)
         self.runtime = runtime
@@ -172,6 +177,17 @@ class ByokApp:
         except Exception as exc:  # any driver error means "not ready"
             log.warning("readiness check failed: database unreachable (%s)", type(exc).__name__)
             await send_error(send, ServiceUnavailable("Database unreachable.", code="not_ready"))
+            return
+        usage_log = self.runtime.usage_log
+        if not usage_log.writable:
+            await send_error(
+                send,
+                ServiceUnavailable(
+                    f"Usage log unwritable ({usage_log.problem}); {len(usage_log)} line(s) "
+                    f"queued, {usage_log.dropped} dropped.",
+                    code="usage_log_unwritable",
+                ),
+            )
             return
         await send_json(send, 200, json.dumps({"status": "ready"}).encode())
 

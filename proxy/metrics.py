@@ -2,9 +2,10 @@
 
 Label values come from bounded sets (an OpenAI route template or `other`;
 a tenant only once it has authenticated), so no caller can grow the page.
-Rendering runs in a thread, off the event loop. Each app gets its own registry. With several workers, `byok-proxy serve`
-sets `PROMETHEUS_MULTIPROC_DIR` so every worker's counts are summed at scrape
-time (prometheus-client's multiprocess mode).
+Rendering runs in a thread, off the event loop. Each app gets its own
+registry. With several workers, `byok-proxy serve` sets
+`PROMETHEUS_MULTIPROC_DIR` so every worker's counts are summed at scrape time
+(prometheus-client's multiprocess mode).
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ class Metrics:
         self.open_streams = Gauge(
             "byok_open_streams", "Event streams in flight", registry=r, multiprocess_mode="livesum"
         )
+        self.usage_dropped = Counter(
+            "byok_usage_lines_dropped",
+            "Usage lines dropped because the usage log sink did not keep up",
+            registry=r,
+        )
+        self.usage_log_writable = Gauge(
+            "byok_usage_log_writable",
+            "1 while the usage log can be written, 0 while it cannot",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.usage_log_writable.set(1)
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered (labels() is the costly part of a count)."""

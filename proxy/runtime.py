@@ -14,7 +14,7 @@ from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.security import Vault
 from proxy.store import Store
-from proxy.usage import UsageLog
+from proxy.usage_sink import UsageLog
 
 
 @dataclass

@@ -6,19 +6,13 @@ Fields (stable; documented in the README for dashboard authors): `ts`,
 `completion_tokens`, `total_tokens`, `key_source`, `error_code`,
 `client_disconnected`.
 
-Lines are queued in memory and written by a background task in batches, in a
-worker thread, with one `write()` per batch on an `O_APPEND` descriptor, so
-the event loop never waits on the disk and several workers can share a file.
-`close()` writes what is left, so shutdown loses nothing.
+Caller-chosen fields (`path`, `model`) are cut to a bounded length, so a
+line always stays under 4 KiB and is written whole (`proxy.usage_sink`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
-import os
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,11 +20,6 @@ from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from proxy.streaming import Usage
-
-log = logging.getLogger("byok.usage")
-
-_FLUSH_SECONDS = 0.2
-_FLUSH_LINES = 512
 
 
 @dataclass(slots=True)
@@ -63,7 +52,7 @@ class UsageRecord:
         return (
             f'{{"ts":"{ts}.{millis:03d}Z","request_id":{_str(self.request_id)},'
             f'"tenant_id":{_str(self.tenant_id)},"method":{_str(self.method)},'
-            f'"path":{_str(self.path)},"model":{_str(self.model)},'
+            f'"path":{_str(self.path[:_MAX_PATH])},"model":{_str(_cut(self.model))},'
             f'"stream":{_BOOL[self.stream]},"status":{_num(self.status)},'
             f'"upstream_status":{_num(self.upstream_status)},'
             f'"duration_ms":{_num(self.duration_ms)},"ttfb_ms":{_num(self.ttfb_ms)},'
@@ -76,6 +65,8 @@ class UsageRecord:
 
 
 _NO_USAGE = Usage()
+_MAX_PATH = 256  # characters; \u-escaped, a line stays under 4 KiB (`proxy.usage_sink`)
+_MAX_MODEL = 128
 _BOOL = {True: "true", False: "false"}
 
 
@@ -83,69 +74,12 @@ def _str(value: str | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value)
 
 
+def _cut(model: str | None) -> str | None:
+    return model[:_MAX_MODEL] if model is not None else None
+
+
 def _num(value: float | None) -> str:
     return "null" if value is None else repr(value)
-
-
-class UsageLog:
-    """Batched, non-blocking writer of usage lines to a file or stdout (`-`)."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self._lines: list[bytes] = []
-        self._fd: int | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
-        self._closing = False
-
-    async def start(self) -> None:
-        if self.target == "-":
-            self._fd = sys.stdout.fileno()
-        else:
-            self._fd = os.open(self.target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        self._task = asyncio.create_task(self._run(), name="usage-log")
-
-    def write(self, record: UsageRecord) -> None:
-        """Queue a record's line (never blocks)."""
-        self._lines.append(record.line())
-        if len(self._lines) >= _FLUSH_LINES:
-            self._wake.set()
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), _FLUSH_SECONDS)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            if self._closing:
-                return  # close() writes what is left
-            if self._lines:
-                batch, self._lines = b"".join(self._lines), []
-                await asyncio.to_thread(self._write, batch)
-
-    def _write(self, data: bytes) -> None:
-        assert self._fd is not None
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
-        except OSError as exc:
-            log.error("usage log write failed: %s", exc)
-
-    async def close(self) -> None:
-        """Write every queued line, then close the file."""
-        # A flag, not task.cancel(): on Python 3.11 wait_for() can swallow a cancellation.
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-        if self._lines:
-            batch, self._lines = b"".join(self._lines), []
-            self._write(batch)
-        if self._fd is not None and self.target != "-":
-            os.close(self._fd)
-        self._fd = None
 
 
 # --- summary (`byok-proxy usage LOGFILE`) ----------------------------------------------

@@ -17,7 +17,8 @@ from servers import free_port
 from stack import Stack
 
 from proxy.streaming import BodyUsage, SSEScanner, Usage, ask_for_usage
-from proxy.usage import UsageLog, UsageRecord, format_table, summarise
+from proxy.usage import UsageRecord, format_table, summarise
+from proxy.usage_sink import UsageLog
 
 FIELDS = {
     "ts",
