@@ -23,8 +23,12 @@ PREFIX = "/api/v1"
 
 def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> Response:
     """The one renderer of our errors, in OpenAI's shape."""
+    carried = {name.decode(): value.decode() for name, value in exc.headers}
     return Response(
-        exc.render(), status_code=exc.status_code, media_type="application/json", headers=headers
+        exc.render(),
+        status_code=exc.status_code,
+        media_type="application/json",
+        headers={**carried, **(headers or {})},
     )
 
 

@@ -7,7 +7,6 @@ an admin-only route answers 403.
 
 from __future__ import annotations
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from admin.audit import Actor
@@ -40,7 +39,7 @@ async def authorize(request: Request, *, self_route: bool = False) -> Actor:
         return Actor("admin", None, request_id, source_ip)
     if not token.startswith(PROXY_KEY_PREFIX):
         raise Unauthorized()
-    principal = await run_in_threadpool(runtime.store.principal, token)
+    principal = await runtime.store.principal_async(token)
     if principal is None:
         raise Unauthorized()
     if not self_route:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 
 import httpx
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -114,7 +113,7 @@ async def set_openai_key(request: Request) -> Response:
         with store.session() as s:
             get_tenant_or_404(s, tenant_id)
 
-    await run_in_threadpool(exists)
+    await runtime.store.run(exists)
     await validate_with_openai(runtime, key, tenant_id)
     ciphertext = runtime.vault.encrypt_openai_key(key, tenant_id)
     hint = key_hint(key.reveal())
@@ -135,7 +134,7 @@ async def set_openai_key(request: Request) -> Response:
             s.commit()
             return {"status": "active", "hint": hint, "validated_at": rfc3339(now)}
 
-    result = await run_in_threadpool(store_key)
+    result = await runtime.store.run(store_key)
     store.invalidate_tenant(tenant_id)
     return JSONResponse(result)
 
@@ -160,6 +159,6 @@ async def delete_openai_key(request: Request) -> Response:
             tenant.updated_at = now
             s.commit()
 
-    await run_in_threadpool(work)
+    await store.run(work)
     store.invalidate_tenant(tenant_id)
     return Response(status_code=204)

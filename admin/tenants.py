@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import secrets
 
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -14,7 +14,7 @@ from admin import audit
 from admin.auth import authorize, runtime_of
 from admin.schemas import TenantCreate, TenantUpdate, read_body, tenant_public
 from proxy.errors import Conflict, NotFound, ValidationFailed
-from proxy.models import ProxyKey, Tenant, rfc3339, utcnow
+from proxy.models import ProxyKey, Tenant, TrialAllowance, rfc3339, utcnow
 from proxy.security import hash_proxy_key, new_proxy_key
 
 
@@ -64,7 +64,7 @@ async def create_tenant(request: Request) -> Response:
         with store.session() as s:
             return create_tenant_row(s, actor, body.name, body.tier, body.id)
 
-    tenant, plaintext = await run_in_threadpool(work)
+    tenant, plaintext = await store.run(work)
     return JSONResponse(
         {
             "id": tenant.id,
@@ -86,7 +86,7 @@ async def list_tenants(request: Request) -> Response:
             rows = s.exec(select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id))).all()
             return [tenant_public(t) for t in rows]
 
-    return JSONResponse({"data": await run_in_threadpool(work)})
+    return JSONResponse({"data": await store.run(work)})
 
 
 async def get_tenant(request: Request) -> Response:
@@ -98,7 +98,7 @@ async def get_tenant(request: Request) -> Response:
         with store.session() as s:
             return tenant_public(get_tenant_or_404(s, tenant_id))
 
-    return JSONResponse(await run_in_threadpool(work))
+    return JSONResponse(await store.run(work))
 
 
 async def update_tenant(request: Request) -> Response:
@@ -119,7 +119,7 @@ async def update_tenant(request: Request) -> Response:
                 s.commit()
             return tenant_public(tenant)
 
-    result = await run_in_threadpool(work)
+    result = await runtime.store.run(work)
     runtime.store.invalidate_tenant(tenant_id)
     return JSONResponse(result)
 
@@ -135,10 +135,12 @@ async def delete_tenant(request: Request) -> Response:
             for key in s.exec(select(ProxyKey).where(ProxyKey.tenant_id == tenant_id)).all():
                 s.delete(key)
             audit.record(s, actor, tenant_id, "tenant.deleted", tenant.openai_key_hint)
+            # Its trial allowance goes with it (a tenant re-created under the id starts afresh).
+            s.execute(delete(TrialAllowance).where(col(TrialAllowance.tenant_id) == tenant_id))
             s.delete(tenant)
             s.commit()
 
-    await run_in_threadpool(work)
+    await runtime.store.run(work)
     runtime.store.invalidate_tenant(tenant_id)
     runtime.store.invalidate_keys()
     return Response(status_code=204)
@@ -156,7 +158,7 @@ async def issue_api_key(request: Request) -> Response:
             s.commit()
             return row, plaintext
 
-    row, plaintext = await run_in_threadpool(work)
+    row, plaintext = await store.run(work)
     return JSONResponse(
         {"id": row.id, "api_key": plaintext, "created_at": rfc3339(row.created_at)},
         status_code=201,
@@ -180,7 +182,7 @@ async def revoke_api_key(request: Request) -> Response:
                 audit.record(s, actor, tenant_id, "api_key.revoked", key_id)
                 s.commit()
 
-    await run_in_threadpool(work)
+    await store.run(work)
     store.invalidate_keys()
     return Response(status_code=204)
 
@@ -190,7 +192,7 @@ async def list_audit(request: Request) -> Response:
     store = runtime_of(request).store
     tenant_id = request.path_params["tenant_id"]
     limit_text = request.query_params.get("limit", "100")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 1000:
+    if not (limit_text.isascii() and limit_text.isdigit()) or not 1 <= int(limit_text) <= 1000:
         raise ValidationFailed("limit: an integer from 1 to 1000", param="limit")
     limit = int(limit_text)
 
@@ -202,4 +204,4 @@ async def list_audit(request: Request) -> Response:
                 raise NotFound("No such tenant.")
             return events
 
-    return JSONResponse({"data": await run_in_threadpool(work)})
+    return JSONResponse({"data": await store.run(work)})

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from admin.app import create_admin_app
 from proxy.asgi import Message, Receive, Scope, Send, send_error, send_json
 from proxy.config import Config, load_config
-from proxy.errors import NotFound, ServiceUnavailable, Unauthorized
+from proxy.errors import NotFound, ServiceUnavailable, StoreUnavailable, Unauthorized
 from proxy.forward import Forwarder
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.runtime import Runtime
@@ -67,7 +67,7 @@ class ByokApp:
     async def lifespan(self) -> AsyncIterator[Runtime]:
         """Build the runtime (database, clients) and tear it down."""
         config = self.config
-        store = Store.connect(config.database_url, config.cache_ttl_seconds)
+        store = Store.connect(config.database_url, config.cache_ttl_seconds, config.database)
         await run_in_threadpool(migrate, store.engine)
         upstream_client = make_client(config.upstream)
         metrics = Metrics()
@@ -173,10 +173,15 @@ class ByokApp:
     async def _readyz(self, send: Send) -> None:
         assert self.runtime is not None
         try:
-            await run_in_threadpool(self.runtime.store.ping)
-        except Exception as exc:  # any driver error means "not ready"
-            log.warning("readiness check failed: database unreachable (%s)", type(exc).__name__)
-            await send_error(send, ServiceUnavailable("Database unreachable.", code="not_ready"))
+            await self.runtime.store.ready()
+        except StoreUnavailable:
+            timeout = self.config.database.ready_timeout
+            await send_error(
+                send,
+                ServiceUnavailable(
+                    f"Database unreachable, or no answer within {timeout:g}s.", code="not_ready"
+                ),
+            )
             return
         usage_log = self.runtime.usage_log
         if not usage_log.writable:

@@ -49,8 +49,8 @@ async def send_json(
 async def send_error(
     send: Send, exc: ProxyError, headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> None:
-    """Send one of our errors in OpenAI's shape."""
-    await send_json(send, exc.status_code, exc.render(), headers)
+    """Send one of our errors in OpenAI's shape (with the headers it carries)."""
+    await send_json(send, exc.status_code, exc.render(), (*exc.headers, *headers))
 
 
 def connection_tokens(headers: Sequence[tuple[bytes, bytes]]) -> frozenset[bytes]:

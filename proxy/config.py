@@ -108,12 +108,35 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class DatabaseConfig:
+    """How hard the proxy leans on its database, and how long it waits for it."""
+
+    statement_timeout: float = 5.0  # seconds a statement may run (PostgreSQL)
+    lock_timeout: float = 2.0  # seconds to wait for a lock (PostgreSQL lock, SQLite busy)
+    pool_size: int = 10  # connections kept per worker
+    max_overflow: int = 10  # extra connections under load; also bounds concurrent calls
+    pool_timeout: float = 5.0  # seconds to wait for a pooled connection
+    ready_timeout: float = 1.0  # /readyz answers "down" after this long
+
+    @property
+    def concurrency(self) -> int:
+        """Database calls running at once per worker (one per connection)."""
+        return self.pool_size + self.max_overflow
+
+    @property
+    def call_timeout(self) -> float:
+        """The longest a request waits for one database call before a 503."""
+        return self.pool_timeout + self.lock_timeout + self.statement_timeout
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the proxy needs, read once."""
 
     keyring: Keyring
     admin_token: Secret
     database_url: str = DEFAULT_DATABASE_URL
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     platform_openai_key: Secret | None = None
     usage_log: str = "-"
@@ -159,6 +182,7 @@ def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     top = {
         "database_url",
+        "database",
         "usage_log",
         "upstream",
         "limits",
@@ -254,6 +278,7 @@ def load_config(
     metrics = _section(raw, "metrics", {"require_admin_token"})
     admin = _section(raw, "admin", {"host", "port"})
     server = _section(raw, "server", {"shutdown_timeout_seconds"})
+    database = _database_config(_section(raw, "database", set(DatabaseConfig.__dataclass_fields__)))
 
     allow_insecure = _typed(up.get("allow_insecure", False), bool, "upstream.allow_insecure")
     base_url = env.get("OPENAI_BASE_URL") or up.get("base_url") or DEFAULT_BASE_URL
@@ -334,6 +359,7 @@ def load_config(
         keyring=keyring,
         admin_token=Secret(token),
         database_url=env.get("DATABASE_URL") or raw.get("database_url") or DEFAULT_DATABASE_URL,
+        database=database,
         upstream=upstream,
         platform_openai_key=Secret(platform) if platform else None,
         usage_log=env.get("USAGE_LOG") or raw.get("usage_log") or "-",
@@ -353,6 +379,18 @@ def load_config(
             server.get("shutdown_timeout_seconds", 30.0), float, "server.shutdown_timeout_seconds"
         ),
     )
+
+
+def _database_config(section: Mapping[str, Any]) -> DatabaseConfig:
+    base = DatabaseConfig()
+    values: dict[str, Any] = {}
+    for name in DatabaseConfig.__dataclass_fields__:
+        default = getattr(base, name)
+        value = _typed(section.get(name, default), type(default), f"database.{name}")
+        if value < 0 or (value == 0 and name != "max_overflow"):
+            raise ConfigError(f"config.yaml: database.{name} must be positive, got {value!r}")
+        values[name] = value
+    return DatabaseConfig(**values)
 
 
 def _platform_key_policy(section: Mapping[str, Any]) -> PlatformKeyPolicy:

@@ -30,6 +30,7 @@ The tree (status code in brackets)::
     ├── PlatformKeyRejected         [502] platform_key_rejected
     ├── OpenAIUnreachable           [503] openai_unreachable (key validation)
     ├── ServiceUnavailable          [503] not_ready
+    │   └── StoreUnavailable        [503] store_unavailable (database slow or down; Retry-After)
     └── UpstreamTimeout             [504] upstream_timeout
 
 Messages are written by us. The one that carries upstream words
@@ -50,6 +51,7 @@ class ProxyError(Exception):
     type = "server_error"
     code = "internal_error"
     message = "Internal error."
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # sent with the error (e.g. Retry-After)
 
     def __init__(
         self, message: str | None = None, *, param: str | None = None, code: str | None = None
@@ -208,6 +210,15 @@ class OpenAIUnreachable(ProxyError):
 class ServiceUnavailable(ProxyError):
     status_code = 503
     code = "service_unavailable"
+
+
+class StoreUnavailable(ServiceUnavailable):
+    code = "store_unavailable"
+    message = (
+        "The proxy's database is slow or unreachable, and this request needs it. "
+        "Retry after the number of seconds in Retry-After."
+    )
+    headers = ((b"retry-after", b"1"),)
 
 
 class UpstreamTimeout(ProxyError):

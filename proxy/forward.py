@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
-from starlette.concurrency import run_in_threadpool
 from yarl import URL
 
 from proxy import allowance, credentials, platform, rejections
@@ -243,7 +242,7 @@ class Forwarder:
             estimate = platform.estimate_tokens(
                 scope["path"], request, size, self.config.platform_key.default_output_tokens
             )
-            reservation = await run_in_threadpool(
+            reservation = await self.store.run(
                 allowance.reserve, self.store.engine, tenant.id, choice, estimate
             )
             if reservation is None:
@@ -363,7 +362,7 @@ class Forwarder:
             if not rejections.key_rejected(error):
                 raise rejections.unauthorized(error, choice.secret.reveal())
             if ciphertext is not None and record.tenant_id is not None:
-                await run_in_threadpool(
+                await self.store.run(
                     credentials.mark_invalid,
                     self.store,
                     record.tenant_id,

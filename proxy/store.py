@@ -17,6 +17,7 @@ holds ciphertext at most, never a plaintext key.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,13 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from sqlalchemy import event, text
+from sqlalchemy import event, exc, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session, col, create_engine, select
 
+from proxy.config import DatabaseConfig
+from proxy.errors import StoreUnavailable
 from proxy.models import ProxyKey, Tenant
 from proxy.security import hash_proxy_key
+
+log = logging.getLogger("byok.store")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 HEAD_REVISION = "0002"  # the newest revision in proxy/migrations/versions (a test checks)
@@ -62,26 +66,68 @@ class Principal:
     key_id: str
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine; SQLite gets WAL mode, a busy timeout and foreign keys."""
+# Errors that mean "the database is slow, locked, down or read-only", not "this request is
+# wrong": a request that needs the database then gets 503 store_unavailable.
+UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
+
+
+def make_engine(url: str, limits: DatabaseConfig | None = None) -> Engine:
+    """Create the engine with bounded waits.
+
+    SQLite gets WAL mode, foreign keys and a busy timeout of `lock_timeout`;
+    PostgreSQL a `statement_timeout` and `lock_timeout` on every connection, a
+    pre-ping (a terminated connection is replaced, not reported) and a pool of
+    `pool_size` + `max_overflow` with a `pool_timeout` wait.
+    """
+    limits = limits or DatabaseConfig()
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, hide_parameters=True
+            url,
+            connect_args={"check_same_thread": False, "timeout": limits.lock_timeout},
+            pool_timeout=limits.pool_timeout,
+            hide_parameters=True,
         )
+        busy_ms = int(limits.lock_timeout * 1000)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _record: Any) -> None:
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
+        @event.listens_for(engine, "handle_error")
+        def _readonly_is_a_lost_connection(context: Any) -> None:
+            # A connection opened while the file was read-only stays read-only: throw the
+            # pool away so the next connection sees the file as it is now.
+            if "readonly database" in str(context.original_exception):
+                context.is_disconnect = True
+
         return engine
-    return create_engine(
-        url, pool_pre_ping=True, pool_size=10, max_overflow=20, hide_parameters=True
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=limits.pool_size,
+        max_overflow=limits.max_overflow,
+        pool_timeout=limits.pool_timeout,
+        connect_args={"connect_timeout": max(1, round(limits.pool_timeout))},
+        hide_parameters=True,
     )
+    statement_ms = int(limits.statement_timeout * 1000)
+    lock_ms = int(limits.lock_timeout * 1000)
+
+    @event.listens_for(engine, "connect")
+    def _timeouts(dbapi_conn: Any, _record: Any) -> None:
+        autocommit = dbapi_conn.autocommit
+        dbapi_conn.autocommit = True
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET statement_timeout = {statement_ms}")
+            cur.execute(f"SET lock_timeout = {lock_ms}")
+        dbapi_conn.autocommit = autocommit
+
+    return engine
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -89,7 +135,7 @@ def current_revision(engine: Engine) -> str | None:
     with engine.connect() as conn:
         try:
             return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-        except DBAPIError:
+        except exc.DBAPIError:
             return None
 
 
@@ -113,12 +159,31 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+_last_warning = [0.0]
+
+
+def _unavailable(error: BaseException) -> StoreUnavailable:
+    """The 503 for a database failure, logged (at most every 5 s: an outage is one event)."""
+    if time.monotonic() - _last_warning[0] > 5:
+        _last_warning[0] = time.monotonic()
+        what = "timed out" if isinstance(error, TimeoutError) else type(error).__name__
+        log.warning("database unavailable (%s): requests that need it get 503", what)
+    return StoreUnavailable()
+
+
 class Store:
     """Sessions plus the TTL-cached lookups used on every proxied request."""
 
-    def __init__(self, engine: Engine, cache_ttl: float = 5.0) -> None:
+    def __init__(
+        self, engine: Engine, cache_ttl: float = 5.0, limits: DatabaseConfig | None = None
+    ) -> None:
         self.engine = engine
         self.cache_ttl = cache_ttl
+        self.limits = limits or DatabaseConfig()
+        # Database calls get threads of their own, bounded: a slow database never takes the
+        # threads other work needs, and callers queue here, not in the pool.
+        self._limiter = anyio.CapacityLimiter(self.limits.concurrency)
+        self._probe = anyio.CapacityLimiter(1)
         self._keys: dict[str, tuple[float, Principal | None]] = {}
         self._tenants: dict[str, tuple[float, TenantSnapshot | None]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
@@ -127,8 +192,10 @@ class Store:
         self.loads = 0  # database lookups made (tests count them)
 
     @classmethod
-    def connect(cls, url: str, cache_ttl: float = 5.0) -> Store:
-        return cls(make_engine(url), cache_ttl)
+    def connect(
+        cls, url: str, cache_ttl: float = 5.0, limits: DatabaseConfig | None = None
+    ) -> Store:
+        return cls(make_engine(url, limits), cache_ttl, limits)
 
     def __repr__(self) -> str:
         return f"Store(dialect={self.engine.dialect.name!r})"
@@ -139,10 +206,37 @@ class Store:
         with Session(self.engine, expire_on_commit=False) as session:
             yield session
 
+    async def run(self, call: Callable[..., Any], *args: Any) -> Any:
+        """`call(*args)` (blocking database work) in one of the store's threads.
+
+        Raises StoreUnavailable (503, Retry-After) when the database is slow,
+        locked, down or read-only; each wait is bounded by the database
+        timeouts (`DatabaseConfig`), so this returns within `call_timeout`.
+        """
+        try:
+            with anyio.fail_after(self.limits.call_timeout):
+                return await anyio.to_thread.run_sync(call, *args, limiter=self._limiter)
+        except (*UNAVAILABLE, TimeoutError) as error:
+            raise _unavailable(error) from None
+
+    async def ready(self) -> None:
+        """Raise StoreUnavailable unless the database takes a write within `ready_timeout`."""
+        try:
+            with anyio.fail_after(self.limits.ready_timeout):
+                await anyio.to_thread.run_sync(
+                    self.ping, limiter=self._probe, abandon_on_cancel=True
+                )
+        except (*UNAVAILABLE, TimeoutError) as error:
+            raise _unavailable(error) from None
+
     def ping(self) -> None:
-        """Raise if the database cannot be reached."""
+        """Raise if the database cannot be reached (SQLite: or cannot take a write now)."""
         with self.engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+            if conn.dialect.name == "sqlite":
+                conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, or busy/read-only
+                conn.exec_driver_sql("ROLLBACK")
+            else:
+                conn.execute(text("SELECT 1"))
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -208,7 +302,7 @@ class Store:
         """Run `load(arg)` in a thread, once for all callers missing the same entry at once."""
         pending = self._inflight.get(key)
         if pending is None:
-            pending = asyncio.ensure_future(anyio.to_thread.run_sync(load, arg))
+            pending = asyncio.ensure_future(self.run(load, arg))
             self._inflight[key] = pending
 
             def forget(done: asyncio.Future[Any]) -> None:
