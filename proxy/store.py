@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -231,6 +232,10 @@ class Store:
 
     def ping(self) -> None:
         """Raise if the database cannot be reached (SQLite: or cannot take a write now)."""
+        path = self.engine.url.database
+        if self.engine.dialect.name == "sqlite" and path and not os.access(path, os.W_OK):
+            # Connections opened earlier may still write; new ones cannot: not ready.
+            raise exc.OperationalError("ping", None, PermissionError("database file read-only"))
         with self.engine.connect() as conn:
             if conn.dialect.name == "sqlite":
                 conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock, or busy/read-only
