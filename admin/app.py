@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -48,9 +50,18 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
     return error_response(ProxyError(exc.detail, code="http_error"))
 
 
-async def _unexpected(_request: Request, exc: Exception) -> Response:
-    log.error("admin request crashed: %s", type(exc).__name__)
+def crashed(exc: BaseException) -> Response:
+    """A bug: logged at ERROR with where it happened (file, line, function: never the
+    exception's message or locals, which may hold request data), answered as a 500 in
+    OpenAI's shape on a connection that stays usable."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[::-1])
+    log.error("admin request crashed: %s at %s", type(exc).__name__, where or "?")
     return error_response(ProxyError())
+
+
+async def _unexpected(_request: Request, exc: Exception) -> Response:
+    return crashed(exc)
 
 
 async def _openapi(request: Request) -> Response:
@@ -66,7 +77,12 @@ def _route(path: str, **handlers: Endpoint) -> Route:
 
     async def endpoint(request: Request) -> Response:
         method = "GET" if request.method == "HEAD" else request.method
-        return await handlers[method](request)
+        try:
+            return await handlers[method](request)
+        except ProxyError as exc:
+            return await _proxy_error(request, exc)
+        except Exception as exc:  # answered here: Starlette would re-raise and drop the connection
+            return crashed(exc)
 
     return Route(path, endpoint, methods=list(handlers))
 

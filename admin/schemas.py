@@ -25,14 +25,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# A printable name: no control characters (PostgreSQL refuses NUL; logs and tables need none).
+_NAME = r"^[^\x00-\x1f\x7f]+$"
+
+
 class TenantCreate(_Body):
-    name: StrictStr = Field(min_length=1, max_length=200)
+    name: StrictStr = Field(min_length=1, max_length=200, pattern=_NAME)
     tier: Tier
     id: StrictStr | None = Field(default=None, pattern=TENANT_ID_PATTERN)
 
 
 class TenantUpdate(_Body):
-    name: StrictStr | None = Field(default=None, min_length=1, max_length=200)
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200, pattern=_NAME)
     tier: Tier | None = None
 
 
@@ -47,7 +51,9 @@ async def read_body(request: Request, model: type[_Body]) -> Any:
     (it may be a key).
     """
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_ADMIN_BODY_BYTES):
+    if declared is not None and (
+        not (declared.isascii() and declared.isdigit()) or int(declared) > MAX_ADMIN_BODY_BYTES
+    ):
         raise RequestTooLarge(f"Request body over {MAX_ADMIN_BODY_BYTES} bytes.")
     raw = bytearray()
     async for chunk in request.stream():
@@ -56,7 +62,7 @@ async def read_body(request: Request, model: type[_Body]) -> Any:
             raise RequestTooLarge(f"Request body over {MAX_ADMIN_BODY_BYTES} bytes.")
     try:
         data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("Request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise BadRequest("Request body must be a JSON object.", code="invalid_json")

@@ -15,7 +15,6 @@ every token generated after that).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,12 +40,14 @@ from proxy.errors import (
     OpenAIQuotaExceeded,
     PlatformKeyRejected,
     ProxyError,
+    RequestTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.request_json import SMALL, ask_for_usage, fields_of, parse_small, read_large
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX
-from proxy.streaming import BodyUsage, SSEScanner, ask_for_usage
+from proxy.streaming import BodyUsage, SSEScanner
 from proxy.upstream import (
     readable_accept_encoding,
     request_headers,
@@ -229,9 +230,13 @@ class Forwarder:
                 streamed_body = True
             if on_platform:
                 assert isinstance(body, bytes)
+                if len(body) > SMALL:  # parsed whole, with every key checked: kept small
+                    raise RequestTooLarge(
+                        f"On the platform's trial key a request body is limited to {SMALL} bytes."
+                    )
                 body, request = platform.check_body(tenant.id, scope["path"], body)
             if is_json and isinstance(body, bytes):
-                body, strip_usage = self._inspect_json(body, request, scope, record)
+                body, strip_usage = await self._inspect_json(body, request, scope, record)
         elif on_platform and scope["method"] in ("POST", "PUT", "PATCH"):
             platform.check_body(tenant.id, scope["path"], b"")  # 400: a JSON body is needed
 
@@ -448,23 +453,26 @@ class Forwarder:
         await _before_last_send(call, watcher)
         await send({"type": "http.response.body", "body": rest, "more_body": False})
 
-    def _inspect_json(
+    async def _inspect_json(
         self, body: bytes, request: dict[str, Any] | None, scope: Scope, record: UsageRecord
     ) -> tuple[bytes, bool]:
         """Note `model` and `stream`; make streamed chat completions ask for usage.
 
-        `request` is the body already parsed (platform key), else None.
+        `request` is the body already parsed (platform key), else None. A body
+        that is not a JSON object goes as it is: the upstream answers 400 in its
+        own words.
         """
-        if request is None:
-            try:
-                request = json.loads(body)
-            except (ValueError, RecursionError):
-                return body, False  # the upstream will answer 400 in its own words
-            if not isinstance(request, dict):
+        if request is None and len(body) <= SMALL:
+            request = parse_small(body)
+        if request is not None:
+            fields = fields_of(request)
+        else:
+            found = await read_large(body) if len(body) > SMALL else None
+            if found is None:
                 return body, False
-        model = request.get("model")
-        record.model = model if isinstance(model, str) else None
-        record.stream = request.get("stream") is True
+            fields = found
+        record.model = fields.model if isinstance(fields.model, str) else None
+        record.stream = fields.streams
         if record.stream and scope["method"] == "POST" and scope["path"] in _USAGE_PATHS:
-            return ask_for_usage(body, request)
+            return ask_for_usage(body, fields)
         return body, False

@@ -74,37 +74,6 @@ class Usage:
         return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
 
 
-def ask_for_usage(body: bytes, request: dict[str, Any]) -> tuple[bytes, bool]:
-    """Make a streamed chat completion request (`body`, parsed as `request`) ask for usage.
-
-    Returns the body to send and True when the client had not asked itself
-    (so the usage chunk must be removed from what it sees). A body this cannot
-    change safely (not UTF-8, or not re-serialisable) goes unchanged.
-    """
-    options = request.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return body, False
-    try:
-        body.decode("utf-8")
-    except UnicodeDecodeError:
-        return body, False  # UTF-16/32 JSON: an ASCII splice would corrupt it
-    if "stream_options" not in request:
-        # Splice rather than re-serialise: every other byte stays the caller's.
-        start = body.index(b"{") + 1
-        return body[:start] + b'"stream_options":{"include_usage":true},' + body[start:], True
-    merged = {**(options if isinstance(options, dict) else {}), "include_usage": True}
-    try:
-        text = json.dumps(
-            {**request, "stream_options": merged},
-            separators=(",", ":"),
-            ensure_ascii=False,
-            allow_nan=False,
-        )
-    except ValueError:
-        return body, False
-    return text.encode(), True
-
-
 def event_usage(obj: Any) -> Usage | None:
     """The usage of one parsed stream event: `usage`, or `response.usage` (Responses API)."""
     if not isinstance(obj, dict):

@@ -16,7 +16,8 @@ from fake_openai import USAGE
 from servers import free_port
 from stack import Stack
 
-from proxy.streaming import BodyUsage, SSEScanner, Usage, ask_for_usage
+from proxy.request_json import ask_for_usage, fields_of
+from proxy.streaming import BodyUsage, SSEScanner, Usage
 from proxy.usage import UsageRecord, format_table, summarise
 from proxy.usage_sink import UsageLog
 
@@ -66,21 +67,21 @@ def assert_usage_line(
 
 def test_ask_for_usage_splices_and_merges() -> None:
     body = b'{"model":"m","stream":true, "messages":[]}'
-    sent, strip = ask_for_usage(body, json.loads(body))
+    sent, strip = ask_for_usage(body, fields_of(json.loads(body)))
     assert strip and sent == b'{"stream_options":{"include_usage":true},' + body[1:]
     assert json.loads(sent)["stream_options"] == {"include_usage": True}
 
     asked = b'{"stream":true,"stream_options":{"include_usage":true}}'
-    assert ask_for_usage(asked, json.loads(asked)) == (asked, False)
+    assert ask_for_usage(asked, fields_of(json.loads(asked))) == (asked, False)
 
     other = b'{"stream":true,"stream_options":{"include_obfuscation":false}}'
-    sent, strip = ask_for_usage(other, json.loads(other))
+    sent, strip = ask_for_usage(other, fields_of(json.loads(other)))
     assert strip and json.loads(sent)["stream_options"] == {
         "include_obfuscation": False,
         "include_usage": True,
     }
     null = b'{"stream":true,"stream_options":null}'
-    sent, strip = ask_for_usage(null, json.loads(null))
+    sent, strip = ask_for_usage(null, fields_of(json.loads(null)))
     assert strip and json.loads(sent)["stream_options"] == {"include_usage": True}
 
 
@@ -531,11 +532,12 @@ def test_sse_scanner_never_drops_what_it_cannot_parse() -> None:
 
 def test_ask_for_usage_leaves_unsafe_bodies_alone() -> None:
     utf16 = '{"stream":true,"model":"m"}'.encode("utf-16")
-    assert ask_for_usage(utf16, json.loads(utf16)) == (utf16, False)
-    nan = b'{"stream":true,"stream_options":null,"temperature":1e999}'
-    assert ask_for_usage(nan, json.loads(nan)) == (nan, False)
+    assert ask_for_usage(utf16, fields_of(json.loads(utf16))) == (utf16, False)
+    nan = b'{"stream":true,"stream_options":null,"temperature":1e999,"top_p":NaN}'
+    sent, strip = ask_for_usage(nan, fields_of(json.loads(nan)))  # spliced, not re-serialised
+    assert strip and sent == nan.replace(b"null", b'{"include_usage":true}')
     unicode = '{"stream":true,"stream_options":null,"messages":"h\u00e9"}'.encode()
-    sent, strip = ask_for_usage(unicode, json.loads(unicode))
+    sent, strip = ask_for_usage(unicode, fields_of(json.loads(unicode)))
     assert strip and json.loads(sent)["messages"] == "h\u00e9"
 
 

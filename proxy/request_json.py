@@ -1,0 +1,167 @@
+"""What the proxy reads from a JSON request body (`model`, `stream`, `stream_options`), and
+the one change it makes to it: asking a streamed chat completion for its usage.
+
+- Bodies up to `SMALL` (1 MiB) are parsed whole: a few milliseconds at most.
+- Larger bodies are read incrementally (ijson's C parser, 64 KiB at a time),
+  yielding to the event loop between pieces, so no request holds the loop for
+  more than a piece's worth of parsing however big it is.
+- The change is a splice: the bytes `"include_usage":true` go in at one place
+  and every other byte is the caller's (escapes, number spellings, key order
+  and repeats all kept). The top-level object is walked with the standard
+  library's own JSON scanner to find that place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+from json.decoder import scanstring  # type: ignore[attr-defined]
+from typing import Any
+
+import ijson
+
+from proxy.errors import BadRequest
+
+SMALL = 1 << 20
+_PIECE = 64 * 1024
+_WS = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+_ABSENT = object()
+_USAGE = '"include_usage":true'
+
+
+@dataclass(slots=True)
+class Fields:
+    """The top-level fields the proxy cares about (`options` is `_ABSENT` when missing)."""
+
+    model: Any = None
+    stream: Any = None
+    options: Any = _ABSENT
+
+    @property
+    def streams(self) -> bool:
+        return self.stream is True
+
+
+def parse_small(body: bytes) -> dict[str, Any] | None:
+    """The body as a JSON object, or None (not JSON, not an object, too deep)."""
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return request if isinstance(request, dict) else None
+
+
+def fields_of(request: dict[str, Any]) -> Fields:
+    return Fields(
+        request.get("model"), request.get("stream"), request.get("stream_options", _ABSENT)
+    )
+
+
+async def read_large(body: bytes) -> Fields | None:
+    """The fields of a big body, parsed in pieces with the loop free between them; None if
+    the body is not one valid JSON object."""
+    events = ijson.sendable_list()
+    parser = ijson.parse_coro(events, use_float=True)
+    fields = Fields()
+    options: dict[str, Any] | None = None
+    first = True
+    try:
+        for start in range(0, len(body), _PIECE):
+            parser.send(body[start : start + _PIECE])
+            for prefix, event, value in events:
+                if first:
+                    if event != "start_map":
+                        return None
+                    first = False
+                if prefix == "model" and event == "string":
+                    fields.model = value
+                elif prefix == "stream" and event not in ("start_map", "start_array"):
+                    fields.stream = value
+                elif prefix == "stream_options":
+                    if event == "start_map":
+                        options = {}
+                        fields.options = options
+                    elif event not in ("map_key", "end_map"):
+                        fields.options = value  # not an object
+                elif prefix == "stream_options.include_usage" and options is not None:
+                    options["include_usage"] = value
+            del events[:]
+            await asyncio.sleep(0)
+        parser.close()
+    except (ijson.JSONError, ijson.IncompleteJSONError, ValueError, RecursionError):
+        return None
+    return fields
+
+
+def ask_for_usage(body: bytes, fields: Fields) -> tuple[bytes, bool]:
+    """Make a streamed chat completion ask for usage (`stream_options.include_usage`).
+
+    Returns the body to send and True when the client had not asked itself
+    (the usage chunk must then be removed from what it sees). A body that is
+    not UTF-8 goes unchanged (an ASCII splice would corrupt UTF-16/32).
+    """
+    options = fields.options
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body, False
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return body, False
+    if options is _ABSENT:
+        start = text.index("{") + 1
+        spliced = text[:start] + '"stream_options":{' + _USAGE + "}," + text[start:]
+        return spliced.encode("utf-8"), True
+    if len(body) > SMALL:
+        raise BadRequest(
+            "A streamed chat completion over 1 MiB with 'stream_options' must set "
+            "'stream_options.include_usage' to true (the proxy meters every stream).",
+            param="stream_options",
+        )
+    span = _value_span(text, "stream_options")
+    if span is None:
+        return body, False
+    start, end = span
+    if not isinstance(options, dict):  # null or another non-object: replace it
+        return (text[:start] + "{" + _USAGE + "}" + text[end:]).encode("utf-8"), True
+    inner = _value_span(text[start:end], "include_usage")
+    if inner is not None:  # present but not true: replace its value
+        a, b = start + inner[0], start + inner[1]
+        return (text[:a] + "true" + text[b:]).encode("utf-8"), True
+    brace = start + 1
+    rest = text[brace:end].lstrip(" \t\n\r")
+    sep = "" if rest.startswith("}") else ","
+    return (text[:brace] + _USAGE + sep + text[brace:]).encode("utf-8"), True
+
+
+def _value_span(text: str, wanted: str) -> tuple[int, int] | None:
+    """Character span of the value of the last top-level `wanted` key in the JSON object
+    `text` (the one a JSON parser keeps), or None if the object cannot be walked."""
+    try:
+        i = _WS.match(text, 0).end()  # type: ignore[union-attr]
+        if text[i : i + 1] != "{":
+            return None
+        i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+        found = None
+        if text[i : i + 1] == "}":
+            return None
+        while True:
+            if text[i : i + 1] != '"':
+                return None
+            key, i = scanstring(text, i + 1)
+            i = _WS.match(text, i).end()  # type: ignore[union-attr]
+            if text[i : i + 1] != ":":
+                return None
+            i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+            _, end = _DECODER.raw_decode(text, i)
+            if key == wanted:
+                found = (i, end)
+            i = _WS.match(text, end).end()  # type: ignore[union-attr]
+            if text[i : i + 1] == ",":
+                i = _WS.match(text, i + 1).end()  # type: ignore[union-attr]
+                continue
+            return found if text[i : i + 1] == "}" else None
+    except (ValueError, RecursionError):
+        return None
