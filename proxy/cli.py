@@ -38,6 +38,8 @@ def _setup_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from proxy.server import protocol_class
+
     config = _config(args, dev=args.dev)
     _setup_logging(config.log_level)
     if args.dev:
@@ -91,6 +93,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # the usage log has one line per request, with more in it
         ws="none",  # no websockets here; loading the library costs memory
         proxy_headers=False,  # X-Forwarded-* from callers are not trusted
+        http=protocol_class(),  # head limits, head timeout, connection cap (proxy.server)
+        timeout_keep_alive=5,
     )
     return 0
 
@@ -106,6 +110,8 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
 
     import uvicorn
 
+    from proxy.server import protocol_class
+
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
@@ -118,7 +124,11 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
         port=port,
         log_level=log_level.lower(),
         server_header=False,
+        date_header=False,
         ws="none",
+        proxy_headers=False,  # the admin listener never trusts X-Forwarded-For
+        http=protocol_class(),
+        timeout_keep_alive=5,
     )
 
 

@@ -79,15 +79,15 @@ def _upstream_error(exc: BaseException) -> ProxyError:
     return UpstreamUnreachable()
 
 
-async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
-    """A small (error) body, whole, or its first 64 KiB."""
+async def _read_capped(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    """A small (error) body, whole, or its first 64 KiB; and whether it was whole."""
     chunks, size = [], 0
     async for block in response.content.iter_any():
         chunks.append(block)
         size += len(block)
-        if size >= _MAX_ERROR_BODY:
-            break
-    return b"".join(chunks)
+        if size > _MAX_ERROR_BODY:
+            return b"".join(chunks), False
+    return b"".join(chunks), True
 
 
 @dataclass(slots=True)
@@ -361,9 +361,8 @@ class Forwarder:
             if choice.source == "platform":
                 log.error("the upstream rejected PLATFORM_OPENAI_KEY (401); replace it")
                 raise PlatformKeyRejected()
-            error = rejections.error_object(
-                await _read_capped(response), response.headers.get("Content-Encoding")
-            )
+            error_body, _ = await _read_capped(response)
+            error = rejections.error_object(error_body, response.headers.get("Content-Encoding"))
             if not rejections.key_rejected(error):
                 raise rejections.unauthorized(error, choice.secret.reveal())
             if ciphertext is not None and record.tenant_id is not None:
@@ -375,25 +374,31 @@ class Forwarder:
                     record.request_id,
                 )
             raise credentials.invalid_key_error(record.tenant_id or "")
-        if status == 429:
-            error_body = await _read_capped(response)
-            error = rejections.error_object(error_body, response.headers.get("Content-Encoding"))
-            if rejections.quota_exceeded(error):
+        if status >= 400:
+            # Read whole (bounded), checked for the quota case, scrubbed of key material.
+            encoding = response.headers.get("Content-Encoding")
+            try:
+                error_body, complete = await _read_capped(response)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise _upstream_error(exc) from None
+            if status == 429 and rejections.quota_exceeded(
+                rejections.error_object(error_body, encoding)
+            ):
                 raise OpenAIQuotaExceeded(
                     "The OpenAI account behind this key is out of credit (insufficient_quota). "
                     "Add credit or raise the limit in OpenAI billing, or register another key at "
                     f"{credentials.register_hint(record.tenant_id or '')}."
                 )
+            replaced = rejections.relayable(error_body, encoding, choice.secret.reveal(), complete)
+            if replaced is None:
+                headers = response_headers(response.raw_headers, rid_header, body_changed=False)
+            else:
+                error_body = replaced
+                headers = response_headers(
+                    response.raw_headers, rid_header, body_changed=True, length=len(error_body)
+                )
             record.status = status
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": response_headers(
-                        response.raw_headers, rid_header, body_changed=False
-                    ),
-                }
-            )
+            await send({"type": "http.response.start", "status": status, "headers": headers})
             await _before_last_send(call, watcher)
             await send({"type": "http.response.body", "body": error_body})
             return

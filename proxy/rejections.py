@@ -81,3 +81,36 @@ def unauthorized(error: dict[str, Any], sent_key: str) -> UpstreamUnauthorized:
     if isinstance(said, str) and said.strip():
         message += " OpenAI said: " + scrub(said, (sent_key,))[:_MAX_MESSAGE]
     return UpstreamUnauthorized(message, code=code, type_=kind)
+
+
+def relayable(body: bytes, encoding: str | None, sent_key: str, complete: bool) -> bytes | None:
+    """An upstream error body as it may reach the caller: None when it can go unchanged,
+    else the body to send instead (plain, no Content-Encoding).
+
+    Every error body, on every status, passes through `scrub`: some upstreams echo the
+    key they were sent. A body that holds no key goes byte for byte; one that does goes
+    scrubbed; one the proxy cannot read whole (over 64 KiB, an unknown coding) is
+    replaced by an error saying so, since it cannot be checked.
+    """
+    decoded = Inflater(encoding).feed(body) if complete else None
+    if decoded is None:
+        return _unreadable()
+    text = decoded.decode("utf-8", "replace")
+    clean = scrub(text, (sent_key,))
+    if clean == text and not Inflater(encoding).compressed:
+        return None
+    return clean.encode("utf-8")
+
+
+def _unreadable() -> bytes:
+    return json.dumps(
+        {
+            "error": {
+                "message": "The upstream's error body could not be checked for key material "
+                "(over 64 KiB, or in an unknown encoding), so the proxy does not relay it.",
+                "type": "upstream_error",
+                "param": None,
+                "code": "upstream_error_unreadable",
+            }
+        }
+    ).encode()

@@ -116,16 +116,25 @@ def readable_accept_encoding(headers: list[tuple[str, str]], *, identity: bool) 
 
 
 def response_headers(
-    headers: Sequence[tuple[bytes, bytes]], extra: tuple[bytes, bytes], *, body_changed: bool
+    headers: Sequence[tuple[bytes, bytes]],
+    extra: tuple[bytes, bytes],
+    *,
+    body_changed: bool,
+    length: int | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """Upstream response headers to pass back, then `extra` (our request id).
 
     All but hop-by-hop headers, repeats and order kept. When the proxy changes
-    the body (the removed usage chunk), `Content-Length` goes too.
+    the body (the removed usage chunk), `Content-Length` goes too; with
+    `length` (a replaced, plain body) it is set to that, and `Content-Encoding` goes.
     """
     drop = connection_tokens(headers)
     if body_changed:
         drop = drop | {b"content-length"}
+    if length is not None:
+        drop = drop | {b"content-encoding"}
     kept = [(name, value) for name, value in headers if name.lower() not in drop]
+    if length is not None:
+        kept.append((b"content-length", str(length).encode()))
     kept.append(extra)
     return kept
