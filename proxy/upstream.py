@@ -83,11 +83,20 @@ def request_headers(
     drop = connection_tokens(headers) | _NEVER_FORWARD
     if not keep_org:
         drop = drop | _ORG_HEADERS
-    out = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in headers
-        if name.lower() not in drop
-    ]
+    try:
+        # UTF-8 both ways: the client writes str headers as UTF-8, so these bytes go on
+        # exactly as they came. Bytes that are not UTF-8 could not: refused, not altered.
+        out = [
+            (name.decode("latin-1"), value.decode("utf-8"))
+            for name, value in headers
+            if name.lower() not in drop
+        ]
+    except UnicodeDecodeError:
+        raise BadRequest(
+            "A request header value is not valid UTF-8; the proxy passes header bytes on "
+            "unchanged and cannot pass these.",
+            code="invalid_header",
+        ) from None
     out.append(("Authorization", authorization))
     return out
 

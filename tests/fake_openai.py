@@ -11,6 +11,8 @@ the caller's key or model:
 - model ``endless`` (streamed) → a chunk every 20 ms until the client goes away,
   recording when it noticed (`stream_closed`);
 - model ``slow`` → waits 3 s before answering;
+- model ``echo-<status>`` (``echo-gz-<status>``: gzipped) → that status, the error body
+  echoing the key it was sent; ``big-429`` → a 429 with a 200 KB body;
 - model ``broken`` (streamed) → one chunk, then the connection is cut;
 - path ``/v1/redirect`` → 302 to ``/v1/models``;
 - model ``gate`` → waits for `release` before anything else (the key is checked after);
@@ -228,6 +230,34 @@ class FakeOpenAI:
                         "code": "rate_limit_exceeded",
                     }
                 },
+            )
+        if isinstance(model, str) and model.startswith("echo-"):
+            # A careless upstream: the error body echoes the key it was sent, whole.
+            status = int(model.rsplit("-", 1)[1])
+            echoed = {
+                "error": {
+                    "message": f"Bad request with key {key}; other key sk-other-{'x' * 30}",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "echo",
+                    "detail": {"authorization": f"Bearer {key}"},
+                }
+            }
+            if model.startswith("echo-gz-"):
+                data = gzip.compress(json.dumps(echoed).encode())
+                head = [*headers, (b"content-type", b"application/json")]
+                head += [
+                    (b"content-encoding", b"gzip"),
+                    (b"content-length", str(len(data)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": status, "headers": head})
+                await send({"type": "http.response.body", "body": data})
+                return None
+            return await self._json(send, status, headers, echoed)
+        if model == "big-429":
+            padding = "p" * 200_000
+            return await self._json(
+                send, 429, headers, {"error": {"message": padding, "code": "rate_limit_exceeded"}}
             )
         if model == "slow":
             await asyncio.sleep(3)
