@@ -33,14 +33,18 @@ async def authorize(request: Request, *, self_route: bool = False) -> Actor:
     token = bearer(request)
     request_id = request.scope.get("state", {}).get("request_id")
     source_ip = request.client.host if request.client else None
-    if token is None:
-        raise Unauthorized()
-    if tokens_equal(token, runtime.config.admin_token.reveal()):
+    guards = runtime.auth_limit
+    if token is not None and tokens_equal(token, runtime.config.admin_token.reveal()):
         return Actor("admin", None, request_id, source_ip)
-    if not token.startswith(PROXY_KEY_PREFIX):
+    known = runtime.store.known_principal(token) if token else None
+    if known is None and guards.over(source_ip):
+        raise guards.refuse()  # guessing admin tokens or proxy keys: no lookup, no compare
+    if token is None or not token.startswith(PROXY_KEY_PREFIX):
+        guards.failed(source_ip)
         raise Unauthorized()
-    principal = await runtime.store.principal_async(token)
+    principal = known or await runtime.store.principal_async(token)
     if principal is None:
+        guards.failed(source_ip)
         raise Unauthorized()
     if not self_route:
         raise Forbidden("A tenant's proxy key may not use this route; it needs the admin token.")

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from admin.app import create_admin_app
 from proxy.asgi import Message, Receive, Scope, Send, send_error, send_json
+from proxy.auth_limit import FailedAuthLimit
 from proxy.config import Config, load_config
 from proxy.errors import NotFound, ServiceUnavailable, StoreUnavailable, Unauthorized
 from proxy.forward import Forwarder
@@ -83,6 +84,9 @@ class ByokApp:
             vault=Vault(config.keyring, store.load_ciphertext),
             usage_log=usage_log,
             metrics=metrics,
+            auth_limit=FailedAuthLimit(
+                config.failed_auth_per_minute, metrics.auth_failures.inc, metrics.auth_blocked.inc
+            ),
         )
         self.forwarder = Forwarder(runtime, upstream_client)
         self.runtime = runtime

@@ -103,6 +103,7 @@ class UpstreamConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     validation_timeout: float = 10.0
+    pool_timeout: float = 10.0  # seconds to wait for a free pooled connection (then 504)
     allow_insecure: bool = False
     max_connections: int = 1000
 
@@ -141,6 +142,7 @@ class Config:
     platform_openai_key: Secret | None = None
     usage_log: str = "-"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    failed_auth_per_minute: int = 60  # per client address; 0 turns the limit off
     cache_ttl_seconds: float = 5.0
     tiers: Mapping[str, TierPolicy] = field(default_factory=lambda: dict(DEFAULT_TIERS))
     platform_key: PlatformKeyPolicy = field(default_factory=PlatformKeyPolicy)
@@ -269,11 +271,12 @@ def load_config(
             "connect_timeout_seconds",
             "read_timeout_seconds",
             "validation_timeout_seconds",
+            "pool_timeout_seconds",
             "allow_insecure",
             "max_connections",
         },
     )
-    limits = _section(raw, "limits", {"max_body_bytes"})
+    limits = _section(raw, "limits", {"max_body_bytes", "failed_auth_per_minute"})
     log = _section(raw, "log", {"level"})
     metrics = _section(raw, "metrics", {"require_admin_token"})
     admin = _section(raw, "admin", {"host", "port"})
@@ -289,6 +292,7 @@ def load_config(
         validation_timeout=_typed(
             up.get("validation_timeout_seconds", 10.0), float, "validation_timeout"
         ),
+        pool_timeout=_typed(up.get("pool_timeout_seconds", 10.0), float, "pool_timeout"),
         allow_insecure=allow_insecure,
         max_connections=_typed(up.get("max_connections", 1000), int, "max_connections"),
     )
@@ -365,6 +369,9 @@ def load_config(
         usage_log=env.get("USAGE_LOG") or raw.get("usage_log") or "-",
         max_body_bytes=_typed(
             limits.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), int, "limits.max_body_bytes"
+        ),
+        failed_auth_per_minute=_typed(
+            limits.get("failed_auth_per_minute", 60), int, "limits.failed_auth_per_minute"
         ),
         cache_ttl_seconds=_typed(raw.get("cache_ttl_seconds", 5.0), float, "cache_ttl_seconds"),
         tiers=tiers,

@@ -23,6 +23,7 @@ The tree (status code in brackets)::
     ├── MethodNotAllowed            [405] method_not_allowed
     ├── Conflict                    [409] tenant_exists
     ├── RequestTooLarge             [413] request_too_large
+    ├── TooManyFailedAuthentications [429] too_many_failed_authentications (Retry-After)
     ├── ValidationFailed            [422] invalid_request / invalid_key_format
     │   └── OpenAIKeyForbidden      [422] openai_key_forbidden
     ├── KeyDecryptionFailed         [500] key_decryption_failed
@@ -169,6 +170,19 @@ class RequestTooLarge(ProxyError):
     status_code = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class TooManyFailedAuthentications(ProxyError):
+    status_code = 429
+    type = "rate_limit_exceeded"
+    code = "too_many_failed_authentications"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            "Too many failed authentications from this address; keys not already known to "
+            f"the proxy are refused for {retry_after} s. Check the proxy key you send."
+        )
+        self.headers = ((b"retry-after", str(retry_after).encode()),)
 
 
 class ValidationFailed(ProxyError):

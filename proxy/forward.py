@@ -137,7 +137,10 @@ class Forwarder:
         try:
             await self._forward(scope, receive, send, record, rid_header)
         except ProxyError as exc:
-            if isinstance(exc, KeyDecryptionFailed):
+            if isinstance(exc, InvalidProxyKey):
+                client = scope.get("client")
+                self.runtime.auth_limit.failed(client[0] if client else None)
+            elif isinstance(exc, KeyDecryptionFailed):
                 log.error(
                     "KEY DECRYPTION FAILED for tenant %s (request %s): wrong ENCRYPTION_KEY or "
                     "tampered ciphertext; the tenant cannot make requests",
@@ -189,6 +192,11 @@ class Forwarder:
 
         if not token or not token.startswith(PROXY_KEY_PREFIX):
             raise InvalidProxyKey()
+        guards = self.runtime.auth_limit
+        client = scope.get("client")
+        if guards.over(client[0] if client else None):
+            if self.store.known_principal(token) is None:  # no database lookup for guesses
+                raise guards.refuse()
         principal = await self.store.principal_async(token)
         tenant = await self.store.tenant_async(principal.tenant_id) if principal else None
         if tenant is None:

@@ -67,6 +67,16 @@ class Metrics:
         self.open_streams = Gauge(
             "byok_open_streams", "Event streams in flight", registry=r, multiprocess_mode="livesum"
         )
+        self.auth_failures = Counter(
+            "byok_auth_failures",
+            "Requests refused for a missing, unknown or revoked credential",
+            registry=r,
+        )
+        self.auth_blocked = Counter(
+            "byok_auth_blocked",
+            "Requests refused because their address failed to authenticate too often",
+            registry=r,
+        )
         self.usage_dropped = Counter(
             "byok_usage_lines_dropped",
             "Usage lines dropped because the usage log sink did not keep up",

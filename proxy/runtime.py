@@ -7,9 +7,11 @@ global, so two apps (tests, a separate admin listener) never share state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
+from proxy.auth_limit import FailedAuthLimit
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.security import Vault
@@ -26,15 +28,22 @@ class Runtime:
     vault: Vault
     usage_log: UsageLog
     metrics: Metrics
+    auth_limit: FailedAuthLimit
     _validation_client: httpx.AsyncClient | None = field(default=None, repr=False)
 
     @property
     def validation_client(self) -> httpx.AsyncClient:
-        """The client of key validation, made on first use (its TLS setup costs ~7 MB)."""
+        """The client of key validation, made on first use (its TLS setup costs ~7 MB).
+
+        Like the proxy's own client: no cookies kept between tenants (a jar that
+        refuses every cookie), no proxy settings from the environment.
+        """
         if self._validation_client is None:
             self._validation_client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.config.upstream.validation_timeout),
                 follow_redirects=False,
+                trust_env=False,
+                cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
             )
         return self._validation_client
 

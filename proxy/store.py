@@ -295,6 +295,11 @@ class Store:
         found = self._fresh(self._keys, digest)
         return self._load_principal(digest) if found is _MISS else found
 
+    def known_principal(self, proxy_key: str) -> Principal | None:
+        """The cached tenant of a proxy key known to be valid, without a database lookup."""
+        found = self._fresh(self._keys, hash_proxy_key(proxy_key))
+        return None if found is _MISS else found  # type: ignore[no-any-return]
+
     async def principal_async(self, proxy_key: str) -> Principal | None:
         """`principal()` for the event loop: a cache hit costs no thread hop."""
         digest = hash_proxy_key(proxy_key)

@@ -43,7 +43,10 @@ def make_client(config: UpstreamConfig) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout, sock_read=config.read_timeout
+            total=None,
+            connect=config.pool_timeout + config.connect_timeout,  # a pool wait, then connect
+            sock_connect=config.connect_timeout,
+            sock_read=config.read_timeout,
         ),
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),

@@ -7,7 +7,9 @@ import asyncio
 import json
 import secrets
 import socket
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
@@ -206,3 +208,172 @@ def test_a_big_429_is_not_cut_under_its_length(stack: Stack) -> None:
     assert r.status_code == 429
     assert int(r.headers["content-length"]) == len(r.content)
     assert r.json()["error"]["code"] == "upstream_error_unreadable"
+
+
+# --- a flood of wrong proxy keys -------------------------------------------------------
+
+
+def test_a_flood_of_wrong_keys_is_cut_off_per_address(tmp_path: Path, master_key: str) -> None:
+    yaml = "limits:\n  failed_auth_per_minute: 20\n"
+    with Stack.sqlite(tmp_path, master_key, yaml=yaml) as stack:
+        good = stack.tenant("acme")
+        assert stack.sdk(good).models.list().data  # known (cached) from now on
+        store = stack.apps[0].runtime.store
+        statuses = []
+        with httpx.Client() as client:
+            for _ in range(50):
+                r = client.get(
+                    stack.url + "/v1/models", headers=bearer("byok-" + secrets.token_urlsafe(32))
+                )
+                statuses.append(r.status_code)
+            loads = store.loads
+            assert statuses[:20] == [401] * 20 and set(statuses[20:]) == {429}
+            assert r.json()["error"]["code"] == "too_many_failed_authentications"
+            assert 1 <= int(r.headers["retry-after"]) <= 61
+            for _ in range(20):  # refused without a database lookup each
+                r = client.get(
+                    stack.url + "/v1/models", headers=bearer("byok-" + secrets.token_urlsafe(32))
+                )
+                assert r.status_code == 429
+            assert store.loads == loads
+            # A key already known keeps working from the same address.
+            assert client.get(stack.url + "/v1/models", headers=bearer(good)).status_code == 200
+            # So does the admin token; guessing it is cut off too.
+            assert stack.admin.get("/api/v1/tenants").status_code == 200
+            r = client.get(stack.url + "/api/v1/tenants", headers=bearer("adm-wrong"))
+            assert r.status_code == 429
+            metrics = client.get(stack.url + "/metrics").text
+        assert "byok_auth_failures_total 20.0" in metrics
+        assert "byok_auth_blocked_total 51.0" in metrics
+
+
+# --- admin inputs that used to answer 500 ----------------------------------------------
+
+
+def _raw(url: str, requests: list[bytes]) -> list[bytes]:
+    """Send raw HTTP/1.1 requests on one connection; each response's head and body."""
+    host, port = url.removeprefix("http://").split(":")
+    answers = []
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        for request in requests:
+            sock.sendall(request)
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                line = reader.readline()
+                assert line, "connection closed"
+                head += line
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answers.append(head + reader.read(length))
+    return answers
+
+
+def _get(path: str, token: str = ADMIN_TOKEN) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+
+
+def _post(path: str, body: bytes, token: str = ADMIN_TOKEN) -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def test_hostile_admin_inputs_are_clear_errors_on_a_live_connection(
+    stack: Stack, database_url: str
+) -> None:
+    stack.tenant("acme")
+    deep = b'{"name":' + b"[" * 5000 + b"]" * 5000 + b',"tier":"pro"}'
+    answers = _raw(
+        stack.url,
+        [
+            _get("/api/v1/tenants/acme/audit?limit=%C2%B2"),
+            _post("/api/v1/tenants", deep),
+            _post("/api/v1/tenants", b'{"name":"a\\u0000b","tier":"pro"}'),
+            _post("/api/v1/tenants", b'{"name":"tab\\there","tier":"pro"}'),
+            _get("/api/v1/tenants/acme"),  # the connection still serves
+        ],
+    )
+    statuses = [int(a.split(b" ", 2)[1]) for a in answers]
+    assert statuses == [422, 400, 422, 422, 200]
+    for answer in answers[:4]:
+        assert b'"error"' in answer and b'"code"' in answer
+
+
+def test_an_admin_bug_is_a_500_without_traceback_or_data_on_a_live_connection(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import admin.tenants
+
+    def broken(_tenant: object) -> None:
+        raise ValueError("request data sk-leak-0123456789abcdef")
+
+    stack.tenant("acme")
+    monkeypatch.setattr(admin.tenants, "tenant_public", broken)
+    first, second = _raw(stack.url, [_get("/api/v1/tenants"), _get("/api/v1/tenants/acme/audit")])
+    assert first.startswith(b"HTTP/1.1 500") and b'"internal_error"' in first
+    assert second.startswith(b"HTTP/1.1 200")
+    text = "\n".join(r.getMessage() for r in caplog.records) + caplog.text
+    assert "admin request crashed: ValueError at" in text and "tenants.py" in text
+    assert "sk-leak" not in text and "Traceback" not in text
+
+
+def test_tenant_deletion_takes_its_trial_allowance(stack: Stack) -> None:
+    from sqlmodel import select
+
+    from proxy.models import TrialAllowance
+
+    key = stack.tenant("tri", tier="trial", key=None)
+    assert stack.sdk(key).models.list().data
+    store = stack.apps[0].runtime.store
+    with store.session() as s:
+        assert s.exec(select(TrialAllowance)).all()
+    assert stack.admin.delete("/api/v1/tenants/tri").status_code == 204
+    with store.session() as s:
+        assert s.exec(select(TrialAllowance)).all() == []
+
+
+# --- the upstream clients keep nothing between tenants ----------------------------------
+
+
+def test_key_validation_keeps_no_cookies_and_ignores_proxy_settings(
+    tmp_path: Path, master_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Stack.sqlite(tmp_path, master_key) as stack:
+        # Set after the test's own clients exist; the proxy's validation client is made later.
+        dead = f"http://127.0.0.1:{free_port()}"
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+            monkeypatch.setenv(name, dead)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        stack.tenant("a")  # its validation gets two Set-Cookie headers back
+        stack.tenant("b", key=TENANT_KEY[:-1] + "Z")
+        checks = [r for r in stack.fake.requests if r.path.endswith("/models")]
+        assert len(checks) == 2  # both reached the fake, not the "proxy"
+        assert all(r.header("cookie") is None for r in checks)
+
+
+def test_waiting_for_an_upstream_connection_is_bounded(tmp_path: Path, master_key: str) -> None:
+    yaml = (
+        "upstream:\n  max_connections: 1\n  pool_timeout_seconds: 0.5\n"
+        "  connect_timeout_seconds: 0.5\n"
+    )
+    with Stack.sqlite(tmp_path, master_key, yaml=yaml) as stack:
+        key = stack.tenant("acme")
+        with ThreadPoolExecutor(2) as pool:
+            slow = pool.submit(
+                httpx.post,
+                stack.url + "/v1/chat/completions",
+                json={"model": "slow", "messages": []},
+                headers=bearer(key),
+                timeout=30,
+            )
+            time.sleep(0.5)  # the slow request holds the only connection
+            r = httpx.post(
+                stack.url + "/v1/chat/completions",
+                json={"model": "m", "messages": []},
+                headers=bearer(key),
+                timeout=30,
+            )
+            assert r.status_code == 504 and r.json()["error"]["code"] == "upstream_timeout"
+            assert slow.result().status_code == 200
