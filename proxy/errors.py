@@ -31,7 +31,8 @@ The tree (status code in brackets)::
     ├── PlatformKeyRejected         [502] platform_key_rejected
     ├── OpenAIUnreachable           [503] openai_unreachable (key validation)
     ├── ServiceUnavailable          [503] not_ready
-    │   └── StoreUnavailable        [503] store_unavailable (database slow or down; Retry-After)
+    │   ├── StoreUnavailable        [503] store_unavailable (database slow or down; Retry-After)
+    │   └── ProxyOverloaded         [503] proxy_overloaded (out of file descriptors; Retry-After)
     └── UpstreamTimeout             [504] upstream_timeout
 
 Messages are written by us. The one that carries upstream words
@@ -231,6 +232,15 @@ class StoreUnavailable(ServiceUnavailable):
     message = (
         "The proxy's database is slow or unreachable, and this request needs it. "
         "Retry after the number of seconds in Retry-After."
+    )
+    headers = ((b"retry-after", b"1"),)
+
+
+class ProxyOverloaded(ServiceUnavailable):
+    code = "proxy_overloaded"
+    message = (
+        "The proxy has run out of file descriptors (too many open connections) and could not "
+        "reach the upstream. Retry after the number of seconds in Retry-After."
     )
     headers = ((b"retry-after", b"1"),)
 

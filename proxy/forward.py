@@ -40,6 +40,7 @@ from proxy.errors import (
     OpenAIQuotaExceeded,
     PlatformKeyRejected,
     ProxyError,
+    ProxyOverloaded,
     RequestTooLarge,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -47,6 +48,7 @@ from proxy.errors import (
 from proxy.request_json import SMALL, ask_for_usage, fields_of, parse_small, read_large
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX
+from proxy.server import out_of_descriptors
 from proxy.streaming import BodyUsage, SSEScanner
 from proxy.upstream import (
     readable_accept_encoding,
@@ -72,9 +74,13 @@ def _is_json(content_type: bytes | None) -> bool:
 
 
 def _upstream_error(exc: BaseException) -> ProxyError:
-    """Our error for a failed upstream exchange (504 on a timeout, else 502)."""
+    """Our error for a failed upstream exchange (504 on a timeout, 503 when this worker is
+    out of file descriptors, else 502)."""
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout()
+    if out_of_descriptors(exc):
+        log.error("out of file descriptors: raise the limit (ulimit -n) or lower the caps")
+        return ProxyOverloaded()
     log.warning("upstream unreachable: %s", type(exc).__name__)
     return UpstreamUnreachable()
 
@@ -426,6 +432,9 @@ class Forwarder:
                 raise _upstream_error(exc) from None
             whole = BodyUsage(response.headers.get("Content-Encoding"))
             whole.feed(data)
+            while whole.pending:
+                await asyncio.sleep(0)
+                whole.more()
             record.usage = whole.usage()
             await _before_last_send(call, watcher)
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -447,6 +456,9 @@ class Forwarder:
                 else:
                     assert body_usage is not None
                     body_usage.feed(block)
+                    while body_usage.pending:  # a block that inflates big: a step at a time
+                        await asyncio.sleep(0)
+                        body_usage.more()
                 await send({"type": "http.response.body", "body": block, "more_body": True})
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are out: the client sees the connection cut, the usage line the cause.

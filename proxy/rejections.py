@@ -49,7 +49,7 @@ _DEFAULT_HINT = (
 
 def error_object(body: bytes, encoding: str | None) -> dict[str, Any]:
     """The `error` object of an upstream error body (gzip/deflate or plain), or {}."""
-    decoded = Inflater(encoding).feed(body)
+    decoded = Inflater(encoding).whole(body)
     if decoded is None:
         return {}
     body = decoded
@@ -92,7 +92,7 @@ def relayable(body: bytes, encoding: str | None, sent_key: str, complete: bool) 
     scrubbed; one the proxy cannot read whole (over 64 KiB, an unknown coding) is
     replaced by an error saying so, since it cannot be checked.
     """
-    decoded = Inflater(encoding).feed(body) if complete else None
+    decoded = Inflater(encoding).whole(body) if complete else None
     if decoded is None:
         return _unreadable()
     text = decoded.decode("utf-8", "replace")

@@ -106,14 +106,17 @@ def ask_for_usage(body: bytes, fields: Fields) -> tuple[bytes, bool]:
     options = fields.options
     if isinstance(options, dict) and options.get("include_usage") is True:
         return body, False
+    if options is _ABSENT:
+        start = len(body) - len(body.lstrip(b" \t\r\n"))
+        if body[start : start + 1] != b"{":  # UTF-16/32, a BOM: not safe to splice
+            return body, False
+        return body[: start + 1] + b'"stream_options":{' + _USAGE.encode() + b"}," + body[
+            start + 1 :
+        ], True
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return body, False
-    if options is _ABSENT:
-        start = text.index("{") + 1
-        spliced = text[:start] + '"stream_options":{' + _USAGE + "}," + text[start:]
-        return spliced.encode("utf-8"), True
     if len(body) > SMALL:
         raise BadRequest(
             "A streamed chat completion over 1 MiB with 'stream_options' must set "

@@ -35,6 +35,7 @@ _MARKER = re.compile(rb'"usage"\s*:\s*\{')
 _SMALL_EVENT = 256 * 1024  # parsed whole; bigger events are parsed as they pass
 _MAX_HELD = 64 * 1024  # strip mode: longest partial event held back (usage chunks are tiny)
 MAX_INFLATED = 64 * 1024 * 1024  # most bytes inflated to read one compressed body
+STEP = 1024 * 1024  # most bytes inflated (and then parsed) per step on the event loop
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,9 @@ def _event_json(event: bytes) -> Any:
 
 
 class Inflater:
-    """Incremental gzip/deflate decoding, bounded to `MAX_INFLATED` bytes in all."""
+    """Incremental gzip/deflate decoding, bounded to `MAX_INFLATED` bytes in all and to
+    `STEP` bytes per call: input that inflates to more waits in `pending` for `more()`,
+    so a caller can let the event loop run between steps."""
 
     def __init__(self, encoding: str | None) -> None:
         encoding = (encoding or "").strip().lower() or "identity"
@@ -105,27 +108,56 @@ class Inflater:
         compressed = self.readable and encoding != "identity"
         self._zlib = zlib.decompressobj(wbits=47) if compressed else None
         self._left = MAX_INFLATED
+        self._tail = b""
 
     @property
     def compressed(self) -> bool:
         """True for a gzip/deflate body (its bytes are not the text)."""
         return self._zlib is not None
 
+    @property
+    def pending(self) -> bool:
+        """Whether input fed so far still holds output (take it with `more()`)."""
+        return self.readable and bool(self._tail)
+
     def feed(self, block: bytes) -> bytes | None:
-        """The decoded bytes of `block`; None once the body cannot be read further."""
+        """The first decoded bytes of `block`; None once the body cannot be read further."""
         if not self.readable:
             return None
         if self._zlib is None:
             return block
+        return self._step(self._tail + block if self._tail else block)
+
+    def more(self) -> bytes | None:
+        """The next step of what `feed` left pending."""
+        tail, self._tail = self._tail, b""
+        return self._step(tail) if self.readable else None
+
+    def whole(self, body: bytes) -> bytes | None:
+        """All of `body`, decoded (for small bodies: error bodies)."""
+        first = self.feed(body)
+        if first is None:
+            return None
+        parts = [first]
+        while self.pending:
+            step = self.more()
+            if step is None:
+                return None
+            parts.append(step)
+        return b"".join(parts)
+
+    def _step(self, data: bytes) -> bytes | None:
+        assert self._zlib is not None
         try:
-            out = self._zlib.decompress(block, self._left + 1)
+            out = self._zlib.decompress(data, min(self._left + 1, STEP))
         except zlib.error:
             self.readable = False
             return None
         self._left -= len(out)
-        if self._left < 0 or self._zlib.unconsumed_tail:
+        if self._left < 0:
             self.readable = False  # over the bound: stop reading (the body still passes)
             return None
+        self._tail = self._zlib.unconsumed_tail
         return out
 
 
@@ -174,8 +206,18 @@ class BodyUsage:
         self._size = 0
         self._parser: _Incremental | None = None
 
+    @property
+    def pending(self) -> bool:
+        """Whether a step of inflation waits (call `more()`, letting the loop run first)."""
+        return self._inflate.pending
+
+    def more(self) -> None:
+        self._take(self._inflate.more())
+
     def feed(self, block: bytes) -> None:
-        data = self._inflate.feed(block)
+        self._take(self._inflate.feed(block))
+
+    def _take(self, data: bytes | None) -> None:
         if data is None:
             self._small = None
             self._parser = None

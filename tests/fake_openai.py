@@ -40,6 +40,7 @@ import json
 import struct
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,20 @@ from servers import free_port
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 STREAM_CHUNKS = 5
+
+
+_BOMB: list[bytes] = []
+
+
+def _bomb() -> bytes:
+    if not _BOMB:
+        z = zlib.compressobj(9, zlib.DEFLATED, 31)
+        block = b" " * (1 << 20)
+        parts = [z.compress(b'{"data":"')]
+        parts += [z.compress(block.replace(b" ", b"a")) for _ in range(128)]
+        parts += [z.compress(b'","usage":{"prompt_tokens":1}}'), z.flush()]
+        _BOMB.append(b"".join(parts))
+    return _BOMB[0]
 
 
 @dataclass
@@ -254,6 +269,15 @@ class FakeOpenAI:
                 await send({"type": "http.response.body", "body": data})
                 return None
             return await self._json(send, status, headers, echoed)
+        if model == "bomb":
+            # 130 KB of gzip that inflates to 128 MiB (the usage scan must stay bounded).
+            data = _bomb()
+            head = [*headers, (b"content-type", b"application/json")]
+            head += [(b"content-encoding", b"gzip")]
+            head += [(b"content-length", str(len(data)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
+            await send({"type": "http.response.body", "body": data})
+            return None
         if model == "big-429":
             padding = "p" * 200_000
             return await self._json(
