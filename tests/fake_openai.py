@@ -148,8 +148,10 @@ class FakeOpenAI:
         if (seen.header("content-type") or "").lower().startswith("application/json") and seen.body:
             try:
                 request = json.loads(seen.body)
-            except ValueError:
-                request = {}
+            except (ValueError, RecursionError):  # OpenAI answers 400 to these
+                return await self._json(
+                    send, 400, [], {"error": {"message": "bad JSON", "code": "invalid_json"}}
+                )
         model = request.get("model") if isinstance(request, dict) else None
         if model == "gate":
             while not self.release.is_set():

@@ -443,3 +443,16 @@ def test_body_sized_work_never_holds_the_loop(served: tuple[str, Path]) -> None:
     assert len(took) > 50
     p50, worst = took[len(took) // 2], took[-1]
     assert p50 < 0.05 and worst < 0.3, (p50, worst)
+
+
+def test_deeply_nested_proxy_bodies_are_never_a_500(stack: Stack) -> None:
+    byok = stack.tenant("acme")
+    trial = stack.tenant("tri", tier="trial", key=None)
+    deep = b'{"model":"m","stream":true,"messages":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    before = len(stack.fake.requests)
+    r = _raw_post(stack, byok, deep)  # BYOK: the upstream judges it, byte for byte
+    assert r.status_code == 400 and r.json()["error"]["message"] == "bad JSON"
+    assert stack.fake.requests[before].body.endswith(b"]" * 1000 + b"}")
+    r = _raw_post(stack, trial, deep)  # platform key: refused, never forwarded
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert len(stack.fake.requests) == before + 1
