@@ -31,10 +31,12 @@ from proxy.downstream import (
     ClientGone,
     DisconnectWatch,
     read_all,
+    receive_body,
     stream_body,
     too_large,
 )
 from proxy.errors import (
+    BadRequest,
     InvalidProxyKey,
     KeyDecryptionFailed,
     OpenAIQuotaExceeded,
@@ -42,6 +44,7 @@ from proxy.errors import (
     ProxyError,
     ProxyOverloaded,
     RequestTooLarge,
+    StoreUnavailable,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -128,6 +131,7 @@ class Forwarder:
         self.store = runtime.store
         self.client = client
         self._settling: set[asyncio.Future[None]] = set()
+        self._large_parses = asyncio.Semaphore(2)  # big bodies parsed at once (CPU-bound)
 
     async def __call__(
         self,
@@ -200,9 +204,8 @@ class Forwarder:
             raise InvalidProxyKey()
         guards = self.runtime.auth_limit
         client = scope.get("client")
-        if guards.over(client[0] if client else None):
-            if self.store.known_principal(token) is None:  # no database lookup for guesses
-                raise guards.refuse()
+        if guards.over(client[0] if client else None) and not self.store.recently_valid(token):
+            raise guards.refuse()  # no database lookup for guesses
         principal = await self.store.principal_async(token)
         tenant = await self.store.tenant_async(principal.tenant_id) if principal else None
         if tenant is None:
@@ -229,7 +232,7 @@ class Forwarder:
             # JSON bodies are read whole (model, stream, usage splice); so is every body on
             # the platform key, which must be a JSON object (`proxy.platform`).
             is_json = on_platform or _is_json(content_type)
-            first = await receive()
+            first = await receive_body(receive)
             if first["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = first.get("body", b"")
@@ -346,14 +349,23 @@ class Forwarder:
             nonlocal job
             if job is None:
                 charge = allowance.charged(reservation, record)
-                job = asyncio.ensure_future(
-                    asyncio.to_thread(allowance.settle, self.store.engine, reservation, charge)
-                )
+                job = asyncio.ensure_future(self._settle(reservation, charge))
                 self._settling.add(job)
                 job.add_done_callback(self._settling.discard)
             await asyncio.shield(job)
 
         return settle
+
+    async def _settle(self, reservation: allowance.Reservation, charge: int) -> None:
+        """Settle on the store's threads, bounded like every database call; never raises."""
+        try:
+            await self.store.run(allowance.settle, self.store.engine, reservation, charge)
+        except StoreUnavailable:
+            log.error(
+                "trial allowance of tenant %s not settled (database unavailable); "
+                "its reservation stands until the UTC day ends",
+                reservation.tenant_id,
+            )
 
     async def drain(self) -> None:
         """Wait for settlements still running (at shutdown)."""
@@ -491,9 +503,16 @@ class Forwarder:
             request = parse_small(body)
         if request is not None:
             fields = fields_of(request)
-        else:
-            found = await read_large(body) if len(body) > SMALL else None
+        else:  # big, or too deep for json.loads: in pieces, a few at a time per worker
+            async with self._large_parses:
+                found = await read_large(body)
             if found is None:
+                if len(body) > SMALL and scope["path"] in _USAGE_PATHS:
+                    raise BadRequest(
+                        "A chat or completions body over 1 MiB must be strict JSON (RFC 8259: "
+                        "no NaN or Infinity) for the proxy to meter it.",
+                        code="invalid_json",
+                    )
                 return body, False
             fields = found
         record.model = fields.model if isinstance(fields.model, str) else None

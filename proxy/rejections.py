@@ -25,6 +25,7 @@ from proxy.streaming import Inflater
 KEY_REJECTED_CODES = frozenset({"invalid_api_key", "account_deactivated", "no_organization"})
 _CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _MAX_MESSAGE = 500
+MAX_ERROR_TEXT = 256 * 1024  # most bytes an error body may inflate to (then: unreadable)
 _HINTS = {
     "mismatched_organization": (
         "The OpenAI-Organization header sent with this request does not match the "
@@ -49,7 +50,7 @@ _DEFAULT_HINT = (
 
 def error_object(body: bytes, encoding: str | None) -> dict[str, Any]:
     """The `error` object of an upstream error body (gzip/deflate or plain), or {}."""
-    decoded = Inflater(encoding).whole(body)
+    decoded = Inflater(encoding, MAX_ERROR_TEXT).whole(body)
     if decoded is None:
         return {}
     body = decoded
@@ -92,7 +93,7 @@ def relayable(body: bytes, encoding: str | None, sent_key: str, complete: bool) 
     scrubbed; one the proxy cannot read whole (over 64 KiB, an unknown coding) is
     replaced by an error saying so, since it cannot be checked.
     """
-    decoded = Inflater(encoding).whole(body) if complete else None
+    decoded = Inflater(encoding, MAX_ERROR_TEXT).whole(body) if complete else None
     if decoded is None:
         return _unreadable()
     text = decoded.decode("utf-8", "replace")
@@ -107,7 +108,8 @@ def _unreadable() -> bytes:
         {
             "error": {
                 "message": "The upstream's error body could not be checked for key material "
-                "(over 64 KiB, or in an unknown encoding), so the proxy does not relay it.",
+                "(over 64 KiB, inflating past 256 KiB, or in an unknown encoding), so the "
+                "proxy does not relay it.",
                 "type": "upstream_error",
                 "param": None,
                 "code": "upstream_error_unreadable",

@@ -61,32 +61,47 @@ def fields_of(request: dict[str, Any]) -> Fields:
 
 
 async def read_large(body: bytes) -> Fields | None:
-    """The fields of a big body, parsed in pieces with the loop free between them; None if
-    the body is not one valid JSON object."""
+    """The fields of a body, parsed in pieces with the loop free between them; None if
+    the body is not one strict JSON object (RFC 8259: no NaN; any depth is fine).
+
+    Keys are tracked by depth from the parser's events, never by ijson's dotted
+    prefixes (a top-level key may itself contain a dot)."""
     events = ijson.sendable_list()
-    parser = ijson.parse_coro(events, use_float=True)
+    parser = ijson.basic_parse_coro(events, use_float=True)
     fields = Fields()
+    depth = 0
+    top_key: str | None = None  # the current key of the top-level object
+    inner_key: str | None = None  # the current key inside top-level stream_options
     options: dict[str, Any] | None = None
-    first = True
+    seen_start = False
     try:
         for start in range(0, len(body), _PIECE):
             parser.send(body[start : start + _PIECE])
-            for prefix, event, value in events:
-                if first:
+            for event, value in events:
+                if not seen_start:
                     if event != "start_map":
                         return None
-                    first = False
-                if prefix == "model" and event == "string":
-                    fields.model = value
-                elif prefix == "stream" and event not in ("start_map", "start_array"):
-                    fields.stream = value
-                elif prefix == "stream_options":
-                    if event == "start_map":
-                        options = {}
-                        fields.options = options
-                    elif event not in ("map_key", "end_map"):
-                        fields.options = value  # not an object
-                elif prefix == "stream_options.include_usage" and options is not None:
+                    seen_start = True
+                if event in ("start_map", "start_array"):
+                    if depth == 1 and top_key == "stream_options":
+                        options = {} if event == "start_map" else None
+                        fields.options = options if options is not None else []
+                    depth += 1
+                elif event in ("end_map", "end_array"):
+                    depth -= 1
+                elif event == "map_key":
+                    if depth == 1:
+                        top_key, inner_key = value, None
+                    elif depth == 2 and top_key == "stream_options":
+                        inner_key = value
+                elif depth == 1:  # a scalar value of a top-level key
+                    if top_key == "model":
+                        fields.model = value
+                    elif top_key == "stream":
+                        fields.stream = value
+                    elif top_key == "stream_options":
+                        fields.options, options = value, None
+                elif depth == 2 and options is not None and inner_key == "include_usage":
                     options["include_usage"] = value
             del events[:]
             await asyncio.sleep(0)

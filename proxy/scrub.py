@@ -20,6 +20,7 @@ REDACTED = "[redacted]"
 _WORD = re.compile(r"[A-Za-z0-9_*.\-]+")
 _KEYLIKE = re.compile(r"^(sk-|key_|byok-)|\*{3}", re.IGNORECASE)
 _MIN_PIECE = 6
+_KEYLIKE_ANYWHERE = re.compile(r"sk-|key_|byok-|\*{3}", re.IGNORECASE)
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
@@ -27,6 +28,10 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     keys = [s for s in secrets if s]
     for key in keys:
         text = text.replace(key, REDACTED)
+    # One C-level search first: most texts hold no key-like word and no piece of a key.
+    pieces = {key[i : i + _MIN_PIECE] for key in keys for i in range(len(key) - _MIN_PIECE + 1)}
+    if not _KEYLIKE_ANYWHERE.search(text) and not any(p in text for p in pieces):
+        return text
 
     def replace(match: re.Match[str]) -> str:
         word = match.group(0)

@@ -44,6 +44,7 @@ HEAD_REVISION = "0002"  # the newest revision in proxy/migrations/versions (a te
 _PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
 _MISS = object()
 _MAX_CACHED = 100_000  # entries per cache; past this it starts over
+_VALID_MEMORY = 3600.0  # seconds a key that authenticated counts as a real caller's
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,16 @@ def make_engine(url: str, limits: DatabaseConfig | None = None) -> Engine:
         pool_size=limits.pool_size,
         max_overflow=limits.max_overflow,
         pool_timeout=limits.pool_timeout,
-        connect_args={"connect_timeout": max(1, round(limits.pool_timeout))},
+        connect_args={
+            "connect_timeout": max(1, round(limits.pool_timeout)),
+            # A server that stops answering (a partition, a hung host) is noticed by TCP
+            # within ~15 s, so no thread waits on a dead connection for long.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": int(limits.call_timeout * 1000),
+        },
         hide_parameters=True,
     )
     statement_ms = int(limits.statement_timeout * 1000)
@@ -188,6 +198,7 @@ class Store:
         self._keys: dict[str, tuple[float, Principal | None]] = {}
         self._tenants: dict[str, tuple[float, TenantSnapshot | None]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[Any]] = {}
+        self._valid: dict[str, float] = {}  # digests of keys that authenticated: expiry
         self._generation = 0  # bumped by every invalidation
         self._lock = threading.Lock()  # generation check + cache write vs bump + clear
         self.loads = 0  # database lookups made (tests count them)
@@ -216,7 +227,11 @@ class Store:
         """
         try:
             with anyio.fail_after(self.limits.call_timeout):
-                return await anyio.to_thread.run_sync(call, *args, limiter=self._limiter)
+                # A thread stuck past the timeout is left to finish on its own (the
+                # database timeouts and TCP keepalives end it); the caller gets its 503.
+                return await anyio.to_thread.run_sync(
+                    call, *args, limiter=self._limiter, abandon_on_cancel=True
+                )
         except (*UNAVAILABLE, TimeoutError) as error:
             raise _unavailable(error) from None
 
@@ -265,6 +280,10 @@ class Store:
                 )
             ).first()
         found = Principal(row.tenant_id, row.id) if row else None
+        if found is not None:
+            if len(self._valid) >= _MAX_CACHED:
+                self._valid.clear()
+            self._valid[digest] = time.monotonic() + _VALID_MEMORY
         with self._lock:
             if generation == self._generation:  # else a change raced this read: don't keep it
                 if len(self._keys) >= _MAX_CACHED:  # unknown keys are cached too: stay bounded
@@ -295,10 +314,14 @@ class Store:
         found = self._fresh(self._keys, digest)
         return self._load_principal(digest) if found is _MISS else found
 
-    def known_principal(self, proxy_key: str) -> Principal | None:
-        """The cached tenant of a proxy key known to be valid, without a database lookup."""
-        found = self._fresh(self._keys, hash_proxy_key(proxy_key))
-        return None if found is _MISS else found  # type: ignore[no-any-return]
+    def recently_valid(self, proxy_key: str) -> bool:
+        """Whether this key authenticated here within `_VALID_MEMORY` seconds (no lookup).
+
+        Lets the failed-authentication limit spare the keys of real callers; the
+        key is still looked up as usual (a revocation still counts).
+        """
+        expiry = self._valid.get(hash_proxy_key(proxy_key))
+        return expiry is not None and expiry > time.monotonic()
 
     async def principal_async(self, proxy_key: str) -> Principal | None:
         """`principal()` for the event loop: a cache hit costs no thread hop."""

@@ -102,12 +102,12 @@ class Inflater:
     `STEP` bytes per call: input that inflates to more waits in `pending` for `more()`,
     so a caller can let the event loop run between steps."""
 
-    def __init__(self, encoding: str | None) -> None:
+    def __init__(self, encoding: str | None, limit: int = MAX_INFLATED) -> None:
         encoding = (encoding or "").strip().lower() or "identity"
         self.readable = encoding in ("identity", "gzip", "x-gzip", "deflate")
         compressed = self.readable and encoding != "identity"
         self._zlib = zlib.decompressobj(wbits=47) if compressed else None
-        self._left = MAX_INFLATED
+        self._left = limit
         self._tail = b""
 
     @property

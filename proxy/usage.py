@@ -52,7 +52,7 @@ class UsageRecord:
         return (
             f'{{"ts":"{ts}.{millis:03d}Z","request_id":{_str(self.request_id)},'
             f'"tenant_id":{_str(self.tenant_id)},"method":{_str(self.method)},'
-            f'"path":{_str(self.path[:_MAX_PATH])},"model":{_str(_cut(self.model))},'
+            f'"path":{_capped(self.path, _MAX_PATH)},"model":{_capped(self.model, _MAX_MODEL)},'
             f'"stream":{_BOOL[self.stream]},"status":{_num(self.status)},'
             f'"upstream_status":{_num(self.upstream_status)},'
             f'"duration_ms":{_num(self.duration_ms)},"ttfb_ms":{_num(self.ttfb_ms)},'
@@ -65,8 +65,8 @@ class UsageRecord:
 
 
 _NO_USAGE = Usage()
-_MAX_PATH = 256  # characters; \u-escaped, a line stays under 4 KiB (`proxy.usage_sink`)
-_MAX_MODEL = 128
+_MAX_PATH = 256  # characters (and 1 KiB escaped): a line stays under 4 KiB (`proxy.usage_sink`)
+_MAX_MODEL = 128  # characters (and 512 bytes escaped)
 _BOOL = {True: "true", False: "false"}
 
 
@@ -74,8 +74,17 @@ def _str(value: str | None) -> str:
     return "null" if value is None else encode_basestring_ascii(value)
 
 
-def _cut(model: str | None) -> str | None:
-    return model[:_MAX_MODEL] if model is not None else None
+def _capped(value: str | None, chars: int) -> str:
+    """`value` as JSON, cut to `chars` characters and to `chars * 4` bytes once escaped
+    (non-ASCII is \\u-escaped, up to 12 bytes a character): a line stays under 4 KiB."""
+    if value is None:
+        return "null"
+    budget = chars * 4
+    text = encode_basestring_ascii(value[:chars])
+    while len(text) > budget:
+        chars //= 2
+        text = encode_basestring_ascii(value[:chars])
+    return text  # type: ignore[no-any-return]
 
 
 def _num(value: float | None) -> str:

@@ -19,9 +19,13 @@ worker thread, so the event loop never waits on the disk. Guarantees:
   rotation), marks the sink unwritable (`writable`, shown by `/readyz` and
   the `byok_usage_log_writable` metric); each flush retries, reopening the
   path, and what was queued meanwhile is written then.
-- A crash (SIGKILL) loses what was queued: the lines of requests that ended
-  in the last `FLUSH_SECONDS` (or the last `FLUSH_LINES`, if sooner).
-  `close()` (graceful shutdown) writes everything.
+- A crash (SIGKILL) loses what was queued: with a healthy sink, the lines of
+  requests that ended in the last `FLUSH_SECONDS` (or the last `FLUSH_LINES`,
+  if sooner); while the sink is unwritable, everything queued since.
+  `close()` (graceful shutdown) writes everything the sink takes within
+  `CLOSE_SECONDS`.
+- Several workers truncating after a short write on one full disk could cut
+  a line another worker appended in between; the window is one write.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import asyncio
 import errno
 import logging
 import os
+import stat
 import sys
 import threading
 import time
@@ -45,6 +50,7 @@ FLUSH_LINES = 512
 MAX_QUEUED = 200_000  # lines (~100 MB at most); a full queue drops, counts and logs
 _ATOMIC = 4096  # PIPE_BUF on Linux: the largest write a pipe never interleaves
 _DROP_LOG_SECONDS = 10.0
+CLOSE_SECONDS = 10.0  # longest wait at shutdown for the last lines to be written
 
 
 class UsageLog:
@@ -128,7 +134,10 @@ class UsageLog:
         if self._task is not None:
             await self._task
         if self._lines:
-            self._flush()
+            try:  # a stalled stdout reader must not hold up shutdown for ever
+                await asyncio.wait_for(asyncio.to_thread(self._flush), CLOSE_SECONDS)
+            except TimeoutError:
+                pass
         if self._lines:
             log.error("usage log %s: %d line(s) not written at shutdown", self.target, len(self))
         if self._fd is not None and self.target != "-":
@@ -180,7 +189,7 @@ class UsageLog:
         """After a short write, remove the partial line it left at the end of the file."""
         assert self._fd is not None
         partial = written - (data.rfind(b"\n", 0, written) + 1)
-        if partial and self.target != "-":
+        if partial and stat.S_ISREG(os.fstat(self._fd).st_mode):  # stdout redirected too
             end = os.lseek(self._fd, 0, os.SEEK_END)
             os.ftruncate(self._fd, end - partial)
 

@@ -216,7 +216,7 @@ def test_a_big_429_is_not_cut_under_its_length(stack: Stack) -> None:
 
 
 def test_a_flood_of_wrong_keys_is_cut_off_per_address(tmp_path: Path, master_key: str) -> None:
-    yaml = "limits:\n  failed_auth_per_minute: 20\n"
+    yaml = "limits:\n  failed_auth_per_minute: 20\ncache_ttl_seconds: 0.2\n"
     with Stack.sqlite(tmp_path, master_key, yaml=yaml) as stack:
         good = stack.tenant("acme")
         assert stack.sdk(good).models.list().data  # known (cached) from now on
@@ -238,11 +238,13 @@ def test_a_flood_of_wrong_keys_is_cut_off_per_address(tmp_path: Path, master_key
                 )
                 assert r.status_code == 429
             assert store.loads == loads
-            # A key already known keeps working from the same address.
+            # A key that authenticated before keeps working from the same address, also once
+            # its cache entry has expired (it is looked up again: revocation still counts).
+            time.sleep(0.5)
             assert client.get(stack.url + "/v1/models", headers=bearer(good)).status_code == 200
-            # So does the admin token; guessing it is cut off too.
+            # So does the admin token; guessing proxy keys on the admin API is cut off too.
             assert stack.admin.get("/api/v1/tenants").status_code == 200
-            r = client.get(stack.url + "/api/v1/tenants", headers=bearer("adm-wrong"))
+            r = client.get(stack.url + "/api/v1/tenants", headers=bearer("byok-guess"))
             assert r.status_code == 429
             metrics = client.get(stack.url + "/metrics").text
         assert "byok_auth_failures_total 20.0" in metrics
@@ -456,3 +458,23 @@ def test_deeply_nested_proxy_bodies_are_never_a_500(stack: Stack) -> None:
     r = _raw_post(stack, trial, deep)  # platform key: refused, never forwarded
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert len(stack.fake.requests) == before + 1
+
+
+def test_a_body_that_stops_arriving_is_timed_out(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy import downstream
+
+    monkeypatch.setattr(downstream, "BODY_IDLE_SECONDS", 0.5)
+    key = stack.tenant("acme")
+    host, port = stack.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + key.encode()
+            + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+        )
+        started = time.monotonic()
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
+    assert time.monotonic() - started < 5

@@ -127,3 +127,19 @@ def test_a_key_removal_racing_a_tenant_lookup_is_honoured_at_once(
         assert info.value.status_code == 402
         assert isinstance(info.value.body, dict)
         assert info.value.body["code"] == "openai_key_missing"
+
+
+async def test_a_stuck_database_call_is_cut_off_at_the_call_timeout(tmp_path: Path) -> None:
+    import time as clock
+
+    from proxy.config import DatabaseConfig
+    from proxy.errors import StoreUnavailable
+    from proxy.store import Store
+
+    limits = DatabaseConfig(statement_timeout=0.2, lock_timeout=0.2, pool_timeout=0.2)
+    store = Store.connect(f"sqlite:///{tmp_path / 'db.sqlite'}", limits=limits)
+    started = clock.monotonic()
+    with pytest.raises(StoreUnavailable):
+        await store.run(clock.sleep, 3)  # a hung server: the thread never returns in time
+    assert clock.monotonic() - started < 2
+    store.dispose()

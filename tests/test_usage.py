@@ -563,3 +563,30 @@ def test_body_usage_seen_before_a_big_body_ends() -> None:
     scanned.feed(head)
     scanned.feed(b"y" * 10_000)  # the body goes on; the client leaves here
     assert scanned.seen() == Usage(9, 4, 13)
+
+
+async def test_big_bodies_are_read_by_structure_not_by_dotted_names() -> None:
+    from proxy.request_json import read_large
+
+    dotted = b'{"model":"m","stream":true,"stream_options.include_usage":true}'
+    fields = await read_large(dotted)
+    assert fields is not None and fields.streams
+    sent, strip = ask_for_usage(dotted, fields)  # the dotted key is not stream_options
+    assert strip and json.loads(sent)["stream_options"] == {"include_usage": True}
+    nested = b'{"stream":true,"stream_options":{"x":{"include_usage":true}}}'
+    fields = await read_large(nested)
+    assert fields is not None and fields.options == {}
+    assert await read_large(b'{"top_p":NaN}') is None  # not strict JSON: not read
+
+
+def test_a_gzip_error_body_is_inflated_only_so_far() -> None:
+    import gzip
+    import time as clock
+
+    from proxy.rejections import relayable
+
+    bomb = gzip.compress(b'{"error":{"message":"' + b"word " * 13_000_000 + b'"}}')
+    started = clock.monotonic()
+    replaced = relayable(bomb, "gzip", "sk-test-abcdefghijklmnop", True)
+    assert replaced is not None and b"upstream_error_unreadable" in replaced
+    assert clock.monotonic() - started < 0.5

@@ -260,3 +260,11 @@ async def test_a_short_write_is_cut_back_to_whole_lines(
     await log.close()
     assert [x["request_id"] for x in _lines(path)] == [f"req_{i}" for i in range(20)]
     assert first == [f"req_{i}" for i in range(len(first))]
+
+
+def test_a_line_fits_one_atomic_write_whatever_the_caller_sends() -> None:
+    record = UsageRecord("req_1", "POST", "/v1/" + "\U0001f600" * 5000, 0.0, 1.7e9)
+    record.model, record.tenant_id = "\U0001f600\u0000" * 5000, "t" * 63
+    line = record.line()
+    assert len(line) < usage_sink._ATOMIC
+    assert json.loads(line)["path"].startswith("/v1/\U0001f600")
