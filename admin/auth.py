@@ -36,13 +36,13 @@ async def authorize(request: Request, *, self_route: bool = False) -> Actor:
     guards = runtime.auth_limit
     if token is not None and tokens_equal(token, runtime.config.admin_token.reveal()):
         return Actor("admin", None, request_id, source_ip)
-    known = runtime.store.known_principal(token) if token else None
-    if known is None and guards.over(source_ip):
-        raise guards.refuse()  # guessing admin tokens or proxy keys: no lookup, no compare
+    known = token is not None and runtime.store.recently_valid(token)
+    if not known and guards.over(source_ip):
+        raise guards.refuse()  # guessing proxy keys: no lookup
     if token is None or not token.startswith(PROXY_KEY_PREFIX):
         guards.failed(source_ip)
         raise Unauthorized()
-    principal = known or await runtime.store.principal_async(token)
+    principal = await runtime.store.principal_async(token)
     if principal is None:
         guards.failed(source_ip)
         raise Unauthorized()
