@@ -179,23 +179,23 @@ def test_non_ascii_header_bytes_reach_the_upstream_as_sent(stack: Stack) -> None
     assert len(stack.fake.requests) == before
 
 
-@pytest.mark.parametrize("status", [400, 404, 409, 422, 429, 500, 503])
 @pytest.mark.parametrize("gz", [False, True])
-def test_upstream_error_bodies_never_carry_a_key(stack: Stack, status: int, gz: bool) -> None:
+def test_upstream_error_bodies_never_carry_a_key(stack: Stack, gz: bool) -> None:
     trial = stack.tenant("tri", tier="trial", key=None)
     byok = stack.tenant("acme")
-    model = f"echo-{'gz-' if gz else ''}{status}"
-    for key, secret in ((trial, PLATFORM_KEY), (byok, TENANT_KEY)):
-        r = httpx.post(
-            stack.url + "/v1/chat/completions",
-            json={"model": model, "messages": [{"role": "user", "content": "x"}]},
-            headers={**bearer(key), "Accept-Encoding": "gzip"},
-        )
-        assert r.status_code == status
-        text = r.text  # decoded as the client would (a correct length, a correct coding)
-        assert secret not in text and secret[8:20] not in text and "sk-other" not in text
-        assert int(r.headers["content-length"]) == len(r.content)
-        assert r.json()["error"]["type"] in ("invalid_request_error", "upstream_error")
+    for status in (400, 404, 409, 422, 429, 500, 503):
+        model = f"echo-{'gz-' if gz else ''}{status}"
+        for key, secret in ((trial, PLATFORM_KEY), (byok, TENANT_KEY)):
+            r = httpx.post(
+                stack.url + "/v1/chat/completions",
+                json={"model": model, "messages": [{"role": "user", "content": "x"}]},
+                headers={**bearer(key), "Accept-Encoding": "gzip"},
+            )
+            assert r.status_code == status
+            text = r.text  # decoded as the client would (a correct length and coding)
+            assert secret not in text and secret[8:20] not in text and "sk-other" not in text
+            assert int(r.headers["content-length"]) == len(r.content)
+            assert r.json()["error"]["type"] in ("invalid_request_error", "upstream_error")
     log = stack.usage_path.read_text() if stack.usage_path.exists() else ""
     assert PLATFORM_KEY not in log and TENANT_KEY not in log
 
