@@ -427,6 +427,10 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["soak"]:  # `python -m bench soak --minutes N` (bench/soak.py)
+        import bench.soak
+
+        sys.exit(bench.soak.main(sys.argv[2:]))
     parser = argparse.ArgumentParser(description="byok-proxy benchmark")
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "latest.json"))

@@ -1,6 +1,7 @@
 """A fast fake OpenAI upstream for the benchmark: bare asyncio + httptools, HTTP/1.1 keep-alive.
 
 - `GET /v1/models` → a model list (key validation).
+- `POST /v1/embeddings` → one embedding with usage (`EMBEDDING`; used by the soak).
 - `POST /v1/chat/completions` → a chat completion with usage, or, when the body
   says `"stream":true`, an SSE stream of `chunks` chunks `interval_ms` apart
   (query string, defaults 20 and 20), plus a usage chunk when the body asks for
@@ -34,6 +35,15 @@ COMPLETION = json.dumps(
             }
         ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16},
+    },
+    separators=(",", ":"),
+).encode()
+EMBEDDING = json.dumps(
+    {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": [0.0123, -0.0456, 0.0789]}],
+        "model": "text-embedding-3-small",
+        "usage": {"prompt_tokens": 8, "total_tokens": 8},
     },
     separators=(",", ":"),
 ).encode()
@@ -107,6 +117,8 @@ class _Conn(asyncio.Protocol):
         path = self.url.split(b"?", 1)[0]
         if path.endswith(b"/models"):
             self._send(MODELS)
+        elif path.endswith(b"/embeddings"):
+            self._send(EMBEDDING)
         elif b'"stream":true' in self.body or b'"stream": true' in self.body:
             query = parse_qs(urlsplit(self.url.decode()).query)
             chunks = int(query.get("chunks", ["20"])[0])
