@@ -6,11 +6,14 @@ is refused with 429 `too_many_failed_authentications` and `Retry-After`,
 without a database lookup, until the window ends; keys already known keep
 working, so a service behind the same address is not locked out by a
 neighbour's guessing. The address is the TCP peer (forwarded headers are not
-trusted). The table is bounded: past `MAX_ADDRESSES` it starts over.
+trusted); IPv6 addresses count per /64 (one host can hold a whole /64). The
+table is bounded: past `MAX_ADDRESSES` the oldest tenth is forgotten.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import time
 from collections.abc import Callable
 
@@ -36,9 +39,9 @@ class FailedAuthLimit:
 
     def over(self, address: str | None) -> bool:
         """Whether `address` has used up its failures for this window."""
-        if not self.per_minute or address is None:
+        if not self.per_minute or address is None or not self._counts:
             return False
-        entry = self._counts.get(address)
+        entry = self._counts.get(_network(address))
         return entry is not None and entry[0] == self._window() and entry[1] >= self.per_minute
 
     def refuse(self) -> TooManyFailedAuthentications:
@@ -55,12 +58,25 @@ class FailedAuthLimit:
         if not self.per_minute or address is None:
             return
         window = self._window()
+        address = _network(address)
         entry = self._counts.get(address)
         count = entry[1] + 1 if entry is not None and entry[0] == window else 1
         if entry is None and len(self._counts) >= MAX_ADDRESSES:
-            self._counts.clear()
+            for oldest in list(itertools.islice(self._counts, MAX_ADDRESSES // 10)):
+                del self._counts[oldest]
+        self._counts.pop(address, None)  # re-inserted last: the dict stays oldest-first
         self._counts[address] = (window, count)
 
     @staticmethod
     def _window() -> int:
         return int(time.monotonic() // WINDOW)
+
+
+def _network(address: str) -> str:
+    """The unit counted: an IPv4 address, or an IPv6 address's /64."""
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    except ValueError:
+        return address

@@ -480,3 +480,19 @@ def test_a_body_that_stops_arriving_is_timed_out(
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
     assert time.monotonic() - started < 5
+
+
+def test_failed_auth_counts_ipv6_per_64_and_forgets_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from proxy import auth_limit
+
+    limit = auth_limit.FailedAuthLimit(2)
+    for host in range(3):  # three addresses of one /64: one counter
+        limit.failed(f"2001:db8::{host + 1}")
+    assert limit.over("2001:db8::ffff") and not limit.over("2001:db8:1::1")
+    monkeypatch.setattr(auth_limit, "MAX_ADDRESSES", 10)
+    limit = auth_limit.FailedAuthLimit(1)
+    for i in range(12):
+        limit.failed(f"10.0.0.{i}")
+    assert not limit.over("10.0.0.0") and limit.over("10.0.0.11")  # oldest forgotten
