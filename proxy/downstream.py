@@ -12,12 +12,11 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from proxy.asgi import Message, Receive
-from proxy.errors import RequestTimeout, RequestTooLarge
+from proxy.asgi import Receive
+from proxy.errors import RequestTooLarge
 from proxy.usage import UsageRecord
 
 WATCH_AFTER = 0.05  # seconds
-BODY_IDLE_SECONDS = 30.0  # longest silence within a request body
 
 
 class ClientGone(Exception):
@@ -70,24 +69,11 @@ class DisconnectWatch:
             self._task.cancel()
 
 
-async def receive_body(receive: Receive) -> Message:
-    """The next message of a request body; 408 when none comes for `BODY_IDLE_SECONDS`
-    (a caller that sends its headers and then a byte now and then would otherwise hold
-    the connection, and a slot under the worker's connection cap, for ever)."""
-    try:
-        async with asyncio.timeout(BODY_IDLE_SECONDS):
-            return await receive()
-    except TimeoutError:
-        raise RequestTimeout(
-            f"No part of the request body arrived for {BODY_IDLE_SECONDS:g} s."
-        ) from None
-
-
 async def read_all(receive: Receive, first: bytes, limit: int) -> bytes:
     """The rest of a body whose first chunk was `first`, whole."""
     chunks, size = [first], len(first)
     while True:
-        message = await receive_body(receive)
+        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone()
         chunk = message.get("body", b"")
@@ -107,11 +93,7 @@ async def stream_body(
     size = len(first)
     yield first
     while True:
-        try:
-            message = await receive_body(receive)
-        except RequestTimeout as exc:
-            failure.append(exc)
-            raise
+        message = await receive()
         if message["type"] == "http.disconnect":
             failure.append(ClientGone())
             raise failure[0]

@@ -21,7 +21,6 @@ The tree (status code in brackets)::
     ├── Forbidden                   [403] forbidden
     ├── NotFound                    [404] not_found
     ├── MethodNotAllowed            [405] method_not_allowed
-    ├── RequestTimeout              [408] request_timeout (a body that stopped arriving)
     ├── Conflict                    [409] tenant_exists
     ├── RequestTooLarge             [413] request_too_large
     ├── TooManyFailedAuthentications [429] too_many_failed_authentications (Retry-After)
@@ -160,12 +159,6 @@ class MethodNotAllowed(ProxyError):
     type = "invalid_request_error"
     code = "method_not_allowed"
     message = "Method not allowed on this route."
-
-
-class RequestTimeout(ProxyError):
-    status_code = 408
-    type = "invalid_request_error"
-    code = "request_timeout"
 
 
 class Conflict(ProxyError):

@@ -31,7 +31,6 @@ from proxy.downstream import (
     ClientGone,
     DisconnectWatch,
     read_all,
-    receive_body,
     stream_body,
     too_large,
 )
@@ -232,7 +231,7 @@ class Forwarder:
             # JSON bodies are read whole (model, stream, usage splice); so is every body on
             # the platform key, which must be a JSON object (`proxy.platform`).
             is_json = on_platform or _is_json(content_type)
-            first = await receive_body(receive)
+            first = await receive()
             if first["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = first.get("body", b"")

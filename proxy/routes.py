@@ -109,8 +109,22 @@ def _build() -> _Node:
 _TREE = _build()
 
 
+_KNOWN: dict[str, str] = {}  # paths seen that matched a template (bounded below)
+
+
 def template(path: str) -> str:
     """The template `path` matches, or `other`."""
+    found = _KNOWN.get(path)
+    if found is None:
+        found = _match(path)
+        if found != OTHER and len(path) <= 200:
+            if len(_KNOWN) >= 10_000:
+                _KNOWN.clear()
+            _KNOWN[path] = found
+    return found
+
+
+def _match(path: str) -> str:
     node: _Node | None = _TREE
     segments = path.strip("/").split("/")
     if len(segments) > 8:

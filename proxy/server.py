@@ -68,12 +68,14 @@ ENV: Mapping[str, str] = {
     "head_timeout": "BYOK_HTTP_HEAD_TIMEOUT",
     "max_connections": "BYOK_HTTP_MAX_CONNECTIONS",
     "fd_reserve": "BYOK_HTTP_FD_RESERVE",
+    "body_idle_timeout": "BYOK_HTTP_BODY_IDLE_TIMEOUT",
 }
 
 DEFAULT_MAX_HEAD_BYTES = 64 * 1024
 DEFAULT_MAX_HEADERS = 100
 DEFAULT_MAX_URL_BYTES = 16 * 1024
 DEFAULT_HEAD_TIMEOUT = 10.0
+DEFAULT_BODY_IDLE_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_FD_RESERVE = 256  # descriptors kept for upstream sockets, the database, log files
 FD_SHARE = 0.9  # connections never take more than this share of RLIMIT_NOFILE (minus reserve)
@@ -91,6 +93,7 @@ class HttpLimits:
     head_timeout: float = DEFAULT_HEAD_TIMEOUT  # seconds to receive a head; 0 disables
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # open connections; see connection_cap()
     fd_reserve: int = DEFAULT_FD_RESERVE
+    body_idle_timeout: float = DEFAULT_BODY_IDLE_TIMEOUT  # longest silence inside a body
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -108,7 +111,7 @@ class HttpLimits:
             if not text:
                 continue
             try:
-                values[f.name] = float(text) if f.name == "head_timeout" else int(text)
+                values[f.name] = float(text) if f.name.endswith("timeout") else int(text)
             except ValueError:
                 raise ValueError(f"{ENV[f.name]}: not a number: {text!r}") from None
         return cls(**values)
@@ -188,6 +191,8 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._message_begun = False
         self._head_timer: TimerHandle | None = None
+        self._in_body = False  # between a head and the end of its body
+        self._body_seen = 0.0  # loop time of the last piece of body
         self._linger_timer: TimerHandle | None = None
         self._refused = False  # answered a refusal: discard everything from now on
         self._pending: _Refusal | None = None  # set by a parser callback over a limit
@@ -290,13 +295,21 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
+        # The head timer keeps running through the body (no timer per request): when it
+        # fires mid-body it re-arms for as long as the body keeps arriving.
+        self._in_body, self._body_seen = True, self.loop.time()
         self._reading_head = False
         self._message_begun = False
         self._head_bytes = 0
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        self._body_seen = self.loop.time()
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self._cancel_head_timer()
+        self._in_body = False
         super().on_message_complete()
         self._reading_head = True
         self._head_bytes = 0
@@ -324,6 +337,23 @@ class HardenedHttpToolsProtocol(HttpToolsProtocol):
     def _head_timeout_handler(self) -> None:
         self._head_timer = None
         if self.transport.is_closing() or self._refused:
+            return
+        if self._in_body:
+            idle = self.loop.time() - self._body_seen
+            left = self.limits.body_idle_timeout - idle
+            if left > 0:
+                self._head_timer = self.loop.call_later(left, self._head_timeout_handler)
+                return
+            if self.cycle is not None and self.cycle.response_started:
+                self.transport.close()
+                return
+            self._refuse(
+                _Refusal(
+                    408,
+                    "request_timeout",
+                    f"No part of the request body arrived for {self.limits.body_idle_timeout:g}s.",
+                )
+            )
             return
         if self._head_bytes or self._message_begun:
             self._refuse(
