@@ -2,7 +2,8 @@
 the one change it makes to it: asking a streamed chat completion for its usage.
 
 - Bodies up to `SMALL` (1 MiB) are parsed whole: a few milliseconds at most.
-- Larger bodies are read incrementally (ijson's C parser, 64 KiB at a time),
+- Larger bodies are read incrementally (ijson's C parser, 16 KiB at a time,
+  growing to 4 MiB inside one long string, which the parser re-reads per piece),
   yielding to the event loop between pieces, so no request holds the loop for
   more than a piece's worth of parsing however big it is.
 - The change is a splice: the bytes `"include_usage":true` go in at one place
@@ -25,7 +26,8 @@ import ijson
 from proxy.errors import BadRequest
 
 SMALL = 1 << 20
-_PIECE = 64 * 1024
+_PIECE = 16 * 1024
+_MAX_PIECE = 4 * 1024 * 1024  # pieces grow to this inside one long token
 _WS = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 _ABSENT = object()
@@ -74,9 +76,14 @@ async def read_large(body: bytes) -> Fields | None:
     inner_key: str | None = None  # the current key inside top-level stream_options
     options: dict[str, Any] | None = None
     seen_start = False
+    piece, start = _PIECE, 0
     try:
-        for start in range(0, len(body), _PIECE):
-            parser.send(body[start : start + _PIECE])
+        while start < len(body):
+            parser.send(body[start : start + piece])
+            start += piece
+            # Inside one long token (a huge string) the parser keeps re-reading what it has
+            # buffered: take bigger pieces until it gets out, so the cost stays linear.
+            piece = min(piece * 2, _MAX_PIECE) if not events else _PIECE
             for event, value in events:
                 if not seen_start:
                     if event != "start_map":
