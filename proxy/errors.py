@@ -227,13 +227,16 @@ class ServiceUnavailable(ProxyError):
     code = "service_unavailable"
 
 
+RETRY_SOON = ((b"retry-after", b"1"),)  # a 503 the caller may retry in a second
+
+
 class StoreUnavailable(ServiceUnavailable):
     code = "store_unavailable"
     message = (
         "The proxy's database is slow or unreachable, and this request needs it. "
         "Retry after the number of seconds in Retry-After."
     )
-    headers = ((b"retry-after", b"1"),)
+    headers = RETRY_SOON
 
 
 class ProxyOverloaded(ServiceUnavailable):
@@ -242,7 +245,7 @@ class ProxyOverloaded(ServiceUnavailable):
         "The proxy has run out of file descriptors (too many open connections) and could not "
         "reach the upstream. Retry after the number of seconds in Retry-After."
     )
-    headers = ((b"retry-after", b"1"),)
+    headers = RETRY_SOON
 
 
 class UpstreamTimeout(ProxyError):

@@ -98,6 +98,20 @@ async def _read_capped(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
     return b"".join(chunks), True
 
 
+def _peer(scope: Scope) -> str | None:
+    """The TCP peer's address (forwarded headers are not trusted)."""
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+async def _inflate_rest(body: BodyUsage) -> None:
+    """Scan what a block that inflates big still holds, a step at a time, letting the
+    loop run between steps."""
+    while body.pending:
+        await asyncio.sleep(0)
+        body.more()
+
+
 @dataclass(slots=True)
 class _Call:
     """One upstream call, as decided: where, with which key, what body."""
@@ -147,8 +161,7 @@ class Forwarder:
             await self._forward(scope, receive, send, record, rid_header)
         except ProxyError as exc:
             if isinstance(exc, InvalidProxyKey):
-                client = scope.get("client")
-                self.runtime.auth_limit.failed(client[0] if client else None)
+                self.runtime.auth_limit.failed(_peer(scope))
             elif isinstance(exc, KeyDecryptionFailed):
                 log.error(
                     "KEY DECRYPTION FAILED for tenant %s (request %s): wrong ENCRYPTION_KEY or "
@@ -202,8 +215,7 @@ class Forwarder:
         if not token or not token.startswith(PROXY_KEY_PREFIX):
             raise InvalidProxyKey()
         guards = self.runtime.auth_limit
-        client = scope.get("client")
-        if guards.over(client[0] if client else None) and not self.store.recently_valid(token):
+        if guards.over(_peer(scope)) and not self.store.recently_valid(token):
             raise guards.refuse()  # no database lookup for guesses
         principal = await self.store.principal_async(token)
         tenant = await self.store.tenant_async(principal.tenant_id) if principal else None
@@ -443,9 +455,8 @@ class Forwarder:
                 raise _upstream_error(exc) from None
             whole = BodyUsage(response.headers.get("Content-Encoding"))
             whole.feed(data)
-            while whole.pending:
-                await asyncio.sleep(0)
-                whole.more()
+            if whole.pending:  # checked here: no coroutine per request when nothing waits
+                await _inflate_rest(whole)
             record.usage = whole.usage()
             await _before_last_send(call, watcher)
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -467,9 +478,8 @@ class Forwarder:
                 else:
                     assert body_usage is not None
                     body_usage.feed(block)
-                    while body_usage.pending:  # a block that inflates big: a step at a time
-                        await asyncio.sleep(0)
-                        body_usage.more()
+                    if body_usage.pending:
+                        await _inflate_rest(body_usage)
                 await send({"type": "http.response.body", "body": block, "more_body": True})
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Headers are out: the client sees the connection cut, the usage line the cause.

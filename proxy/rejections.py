@@ -93,12 +93,13 @@ def relayable(body: bytes, encoding: str | None, sent_key: str, complete: bool) 
     scrubbed; one the proxy cannot read whole (over 64 KiB, an unknown coding) is
     replaced by an error saying so, since it cannot be checked.
     """
-    decoded = Inflater(encoding, MAX_ERROR_TEXT).whole(body) if complete else None
+    inflater = Inflater(encoding, MAX_ERROR_TEXT)
+    decoded = inflater.whole(body) if complete else None
     if decoded is None:
         return _unreadable()
     text = decoded.decode("utf-8", "replace")
     clean = scrub(text, (sent_key,))
-    if clean == text and not Inflater(encoding).compressed:
+    if clean == text and not inflater.compressed:
         return None
     return clean.encode("utf-8")
 

@@ -115,3 +115,29 @@ def serve_env(
         "USAGE_LOG": str(tmp_path / "usage.jsonl"),
         "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom"),
     }
+
+
+def create_tenant(url: str, tid: str, tier: str = "pro", openai_key: str | None = None) -> str:
+    """Create a tenant through the admin API of the proxy at `url` (registering
+    `openai_key` if given); return its proxy key."""
+    from helpers import ADMIN_TOKEN
+
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    r = httpx.post(
+        url + "/api/v1/tenants", json={"name": tid, "tier": tier, "id": tid}, headers=admin
+    )
+    assert r.status_code == 201, r.text
+    if openai_key is not None:
+        registered = httpx.post(
+            f"{url}/api/v1/tenants/{tid}/openai-key", json={"api_key": openai_key}, headers=admin
+        )
+        assert registered.status_code == 200, registered.text
+    return str(r.json()["api_key"])
+
+
+def until(check: Callable[[], bool], within: float, what: str) -> None:
+    """Poll `check` every 50 ms until it holds; fail saying `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)

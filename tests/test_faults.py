@@ -21,7 +21,7 @@ import sqlalchemy
 from conftest import PG_URL
 from fake_openai import start_fake
 from helpers import ADMIN_TOKEN, bearer
-from servers import free_port, serve, serve_env
+from servers import create_tenant, free_port, serve, serve_env, until
 from stack import TENANT_KEY
 
 FAULT_YAML = """
@@ -48,16 +48,7 @@ class Proxy:
         assert self.chat(self.trial).status_code == 200
 
     def tenant(self, tid: str, tier: str, key: str | None) -> str:
-        r = self.http.post(
-            "/api/v1/tenants", json={"name": tid, "tier": tier, "id": tid}, headers=self.admin
-        )
-        assert r.status_code == 201, r.text
-        if key:
-            registered = self.http.post(
-                f"/api/v1/tenants/{tid}/openai-key", json={"api_key": key}, headers=self.admin
-            )
-            assert registered.status_code == 200, registered.text
-        return str(r.json()["api_key"])
+        return create_tenant(self.url, tid, tier, key)
 
     def chat(self, key: str) -> httpx.Response:
         with httpx.Client(timeout=30) as client:  # its own connection: never queued behind
@@ -69,10 +60,11 @@ class Proxy:
         return time.monotonic() - start, r
 
     def until(self, path: str, status: int, within: float = 15) -> None:
-        deadline = time.monotonic() + within
-        while self.http.get(path).status_code != status:
-            assert time.monotonic() < deadline, f"{path} never answered {status}"
-            time.sleep(0.05)
+        until(
+            lambda: self.http.get(path).status_code == status,
+            within,
+            f"{path} never answered {status}",
+        )
 
 
 def _store_unavailable(r: httpx.Response) -> None:

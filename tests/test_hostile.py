@@ -20,7 +20,7 @@ import pytest
 from fake_openai import start_fake
 from helpers import ADMIN_TOKEN, bearer
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, serve, serve_env
+from servers import create_tenant, free_port, serve, serve_env
 from stack import PLATFORM_KEY, TENANT_KEY, Stack
 
 from proxy.routes import OTHER, TEMPLATES
@@ -39,17 +39,7 @@ def served(tmp_path: Path, master_key: str) -> Iterator[tuple[str, Path]]:
 
 
 def _tenant(url: str, tid: str) -> str:
-    admin = bearer(ADMIN_TOKEN)
-    r = httpx.post(
-        url + "/api/v1/tenants", json={"name": tid, "tier": "pro", "id": tid}, headers=admin
-    )
-    assert r.status_code == 201, r.text
-    key = str(r.json()["api_key"])
-    r = httpx.post(
-        f"{url}/api/v1/tenants/{tid}/openai-key", json={"api_key": TENANT_KEY}, headers=admin
-    )
-    assert r.status_code == 200, r.text
-    return key
+    return create_tenant(url, tid, openai_key=TENANT_KEY)
 
 
 async def _flood(url: str, paths: list[str], headers: dict[str, str]) -> list[int]:

@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 from fake_openai import start_fake
-from helpers import ADMIN_TOKEN, bearer
-from servers import free_port, serve, serve_env, wait_until_up
+from helpers import bearer
+from servers import create_tenant, free_port, serve, serve_env, until, wait_until_up
 from stack import TENANT_KEY
 
 from proxy import usage_sink
@@ -32,17 +32,7 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def _tenant(url: str, tid: str = "acme") -> str:
-    admin = bearer(ADMIN_TOKEN)
-    r = httpx.post(
-        url + "/api/v1/tenants", json={"name": tid, "tier": "pro", "id": tid}, headers=admin
-    )
-    assert r.status_code == 201, r.text
-    key = str(r.json()["api_key"])
-    r = httpx.post(
-        f"{url}/api/v1/tenants/{tid}/openai-key", json={"api_key": TENANT_KEY}, headers=admin
-    )
-    assert r.status_code == 200, r.text
-    return key
+    return create_tenant(url, tid, openai_key=TENANT_KEY)
 
 
 def _chat(client: httpx.Client, url: str, key: str) -> str:
@@ -131,18 +121,13 @@ def test_removed_log_directory_is_reported_and_healed(
         _chat(client, url, key)
         shutil.rmtree(logs)
         during = [_chat(client, url, key) for _ in range(20)]  # still served
-        deadline = time.monotonic() + 10
-        while (r := client.get(url + "/readyz")).status_code == 200:
-            assert time.monotonic() < deadline, "readyz never noticed"
-            time.sleep(0.05)
+        until(lambda: client.get(url + "/readyz").status_code != 200, 10, "readyz never noticed")
+        r = client.get(url + "/readyz")
         assert r.status_code == 503 and r.json()["error"]["code"] == "usage_log_unwritable"
         assert "byok_usage_log_writable 0.0" in client.get(url + "/metrics").text
         logs.mkdir()
         after = [_chat(client, url, key) for _ in range(5)]
-        deadline = time.monotonic() + 10
-        while client.get(url + "/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "never healed"
-            time.sleep(0.05)
+        until(lambda: client.get(url + "/readyz").status_code == 200, 10, "never healed")
         assert "byok_usage_log_writable 1.0" in client.get(url + "/metrics").text
         deadline = time.monotonic() + 10
         while True:
@@ -169,19 +154,13 @@ def test_full_disk_leaves_no_half_line_and_loses_nothing(
         # fail (EFBIG), like ENOSPC. The database files stay far below it.
         resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
         sent = [_chat(client, url, key) for _ in range(60)]
-        deadline = time.monotonic() + 10
-        while client.get(url + "/readyz").status_code == 200:
-            assert time.monotonic() < deadline, "readyz never noticed"
-            time.sleep(0.05)
+        until(lambda: client.get(url + "/readyz").status_code != 200, 10, "readyz never noticed")
         assert usage.stat().st_size <= limit
         for line in usage.read_bytes().split(b"\n")[:-1]:
             json.loads(line)  # nothing half-written
         assert usage.read_bytes().endswith(b"\n")
         resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
-        deadline = time.monotonic() + 10
-        while client.get(url + "/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "never healed"
-            time.sleep(0.05)
+        until(lambda: client.get(url + "/readyz").status_code == 200, 10, "never healed")
         sent.append(_chat(client, url, key))
         deadline = time.monotonic() + 10
         while True:
