@@ -102,8 +102,12 @@ def create_admin_app() -> Starlette:
         _route(
             t + "/{tenant_id}/openai-key", POST=keys.set_openai_key, DELETE=keys.delete_openai_key
         ),
-        _route(t + "/{tenant_id}/api-keys", POST=tenants.issue_api_key),
-        _route(t + "/{tenant_id}/api-keys/{key_id}", DELETE=tenants.revoke_api_key),
+        _route(t + "/{tenant_id}/api-keys", POST=tenants.issue_api_key, GET=tenants.list_api_keys),
+        _route(
+            t + "/{tenant_id}/api-keys/{key_id}",
+            PATCH=tenants.update_api_key,
+            DELETE=tenants.revoke_api_key,
+        ),
         _route(t + "/{tenant_id}/audit", GET=tenants.list_audit),
     ]
     return Starlette(

@@ -7,10 +7,12 @@ an admin-only route answers 403.
 
 from __future__ import annotations
 
+import time
+
 from starlette.requests import Request
 
 from admin.audit import Actor
-from proxy.errors import Forbidden, NotFound, Unauthorized
+from proxy.errors import Forbidden, NotFound, ProxyKeyExpired, Unauthorized
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX, tokens_equal
 
@@ -46,6 +48,8 @@ async def authorize(request: Request, *, self_route: bool = False) -> Actor:
     if principal is None:
         guards.failed(source_ip)
         raise Unauthorized()
+    if principal.expired(time.time()):
+        raise ProxyKeyExpired()
     if not self_route:
         raise Forbidden("A tenant's proxy key may not use this route; it needs the admin token.")
     if request.path_params.get("tenant_id") != principal.tenant_id:

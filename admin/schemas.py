@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr, ValidationError
 from starlette.requests import Request
 
 from proxy.errors import BadRequest, RequestTooLarge, ValidationFailed
-from proxy.models import Tenant, rfc3339
+from proxy.models import ProxyKey, Tenant, rfc3339
+from proxy.policy import PolicyIn
+from proxy.policy import public as public_policy
 
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 MAX_ADMIN_BODY_BYTES = 64 * 1024
@@ -36,15 +38,28 @@ class TenantCreate(_Body):
 
 
 class TenantUpdate(_Body):
+    """`policy` replaces the whole policy; `"policy": null` removes it."""
+
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200, pattern=_NAME)
     tier: Tier | None = None
+    policy: PolicyIn | None = None
+
+
+class ApiKeyCreate(_Body):
+    name: StrictStr | None = Field(default=None, min_length=1, max_length=200, pattern=_NAME)
+    expires_at: AwareDatetime | None = Field(default=None, strict=False)  # RFC 3339, with zone
+    policy: PolicyIn | None = None
+
+
+class ApiKeyUpdate(ApiKeyCreate):
+    """Only the fields given change; `null` clears one."""
 
 
 class OpenAIKeyIn(_Body):
     api_key: StrictStr = Field(max_length=4096)
 
 
-async def read_body(request: Request, model: type[_Body]) -> Any:
+async def read_body(request: Request, model: type[_Body], optional: bool = False) -> Any:
     """Read a small JSON body and validate it; 413/400/422 in OpenAI's shape otherwise.
 
     Validation messages name the field and the rule, never the input value
@@ -60,6 +75,8 @@ async def read_body(request: Request, model: type[_Body]) -> Any:
         raw += chunk
         if len(raw) > MAX_ADMIN_BODY_BYTES:
             raise RequestTooLarge(f"Request body over {MAX_ADMIN_BODY_BYTES} bytes.")
+    if optional and not raw.strip():
+        raw = bytearray(b"{}")
     try:
         data = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -93,4 +110,17 @@ def tenant_public(tenant: Tenant) -> dict[str, Any]:
         "created_at": rfc3339(tenant.created_at),
         "updated_at": rfc3339(tenant.updated_at),
         "openai_key": key_status(tenant),
+        "policy": public_policy(tenant.policy),
+    }
+
+
+def api_key_public(key: ProxyKey) -> dict[str, Any]:
+    """The public view of a proxy key: never its secret or hash."""
+    return {
+        "id": key.id,
+        "name": key.name,
+        "created_at": rfc3339(key.created_at),
+        "expires_at": rfc3339(key.expires_at),
+        "last_used_at": rfc3339(key.last_used_at),
+        "policy": public_policy(key.policy),
     }

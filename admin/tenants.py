@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import UTC, datetime
 
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
@@ -12,17 +13,34 @@ from starlette.responses import JSONResponse, Response
 
 from admin import audit
 from admin.auth import authorize, runtime_of
-from admin.schemas import TenantCreate, TenantUpdate, read_body, tenant_public
+from admin.schemas import (
+    ApiKeyCreate,
+    ApiKeyUpdate,
+    TenantCreate,
+    TenantUpdate,
+    api_key_public,
+    read_body,
+    tenant_public,
+)
+from proxy import policy
 from proxy.errors import Conflict, NotFound, ValidationFailed
 from proxy.models import ProxyKey, Tenant, TrialAllowance, rfc3339, utcnow
 from proxy.security import hash_proxy_key, new_proxy_key
 
 
-def _issue_key(session: Session, actor: audit.Actor, tenant_id: str) -> tuple[ProxyKey, str]:
+def _issue_key(
+    session: Session, actor: audit.Actor, tenant_id: str, spec: ApiKeyCreate | None = None
+) -> tuple[ProxyKey, str]:
     """Add a new proxy key to `session`; return its row and the plaintext (shown once)."""
+    spec = spec or ApiKeyCreate()
     plaintext = new_proxy_key()
     row = ProxyKey(
-        id="key_" + secrets.token_hex(8), tenant_id=tenant_id, key_hash=hash_proxy_key(plaintext)
+        id="key_" + secrets.token_hex(8),
+        tenant_id=tenant_id,
+        key_hash=hash_proxy_key(plaintext),
+        name=spec.name,
+        expires_at=spec.expires_at,
+        policy=policy.dump(spec.policy),
     )
     session.add(row)
     audit.record(session, actor, tenant_id, "api_key.issued", row.id)
@@ -38,7 +56,7 @@ def get_tenant_or_404(session: Session, tenant_id: str) -> Tenant:
 
 def create_tenant_row(
     store_session: Session, actor: audit.Actor, name: str, tier: str, tenant_id: str | None
-) -> tuple[Tenant, str]:
+) -> tuple[Tenant, ProxyKey, str]:
     """Create a tenant and its first proxy key in one transaction (also used by the CLI)."""
     tenant = Tenant(id=tenant_id or "t" + secrets.token_hex(6), name=name, tier=tier)
     store_session.add(tenant)
@@ -50,9 +68,9 @@ def create_tenant_row(
         raise Conflict(
             f"A tenant with id {tenant.id!r} already exists.", param="id", code="tenant_exists"
         ) from None
-    _, plaintext = _issue_key(store_session, actor, tenant.id)
+    key, plaintext = _issue_key(store_session, actor, tenant.id)
     store_session.commit()
-    return tenant, plaintext
+    return tenant, key, plaintext
 
 
 async def create_tenant(request: Request) -> Response:
@@ -60,17 +78,18 @@ async def create_tenant(request: Request) -> Response:
     body: TenantCreate = await read_body(request, TenantCreate)
     store = runtime_of(request).store
 
-    def work() -> tuple[Tenant, str]:
+    def work() -> tuple[Tenant, ProxyKey, str]:
         with store.session() as s:
             return create_tenant_row(s, actor, body.name, body.tier, body.id)
 
-    tenant, plaintext = await store.run(work)
+    tenant, key, plaintext = await store.run(work)
     return JSONResponse(
         {
             "id": tenant.id,
             "name": tenant.name,
             "tier": tenant.tier,
             "api_key": plaintext,
+            "api_key_id": key.id,
             "created_at": rfc3339(tenant.created_at),
         },
         status_code=201,
@@ -110,12 +129,21 @@ async def update_tenant(request: Request) -> Response:
     def work() -> dict[str, object]:
         with runtime.store.session() as s:
             tenant = get_tenant_or_404(s, tenant_id)
-            changes = body.model_dump(exclude_none=True)
+            changes = body.model_dump(exclude_none=True, exclude={"policy"})
+            changed = False
             if any(getattr(tenant, k) != v for k, v in changes.items()):
                 for k, v in changes.items():
                     setattr(tenant, k, v)
-                tenant.updated_at = utcnow()
                 audit.record(s, actor, tenant_id, "tenant.updated")
+                changed = True
+            if "policy" in body.model_fields_set:
+                stored = policy.dump(body.policy)
+                if stored != tenant.policy:
+                    tenant.policy = stored
+                    audit.record(s, actor, tenant_id, "policy.updated")
+                    changed = True
+            if changed:
+                tenant.updated_at = utcnow()
                 s.commit()
             return tenant_public(tenant)
 
@@ -148,21 +176,82 @@ async def delete_tenant(request: Request) -> Response:
 
 async def issue_api_key(request: Request) -> Response:
     actor = await authorize(request)
+    body: ApiKeyCreate = await read_body(request, ApiKeyCreate, optional=True)
     store = runtime_of(request).store
     tenant_id = request.path_params["tenant_id"]
 
     def work() -> tuple[ProxyKey, str]:
         with store.session() as s:
             get_tenant_or_404(s, tenant_id)
-            row, plaintext = _issue_key(s, actor, tenant_id)
+            row, plaintext = _issue_key(s, actor, tenant_id, body)
             s.commit()
             return row, plaintext
 
     row, plaintext = await store.run(work)
-    return JSONResponse(
-        {"id": row.id, "api_key": plaintext, "created_at": rfc3339(row.created_at)},
-        status_code=201,
-    )
+    return JSONResponse({**api_key_public(row), "api_key": plaintext}, status_code=201)
+
+
+async def list_api_keys(request: Request) -> Response:
+    """The tenant's proxy keys that are not revoked, oldest first; never a secret."""
+    await authorize(request)
+    store = runtime_of(request).store
+    tenant_id = request.path_params["tenant_id"]
+
+    def work() -> list[dict[str, object]]:
+        with store.session() as s:
+            get_tenant_or_404(s, tenant_id)
+            rows = s.exec(
+                select(ProxyKey)
+                .where(ProxyKey.tenant_id == tenant_id, col(ProxyKey.revoked_at).is_(None))
+                .order_by(col(ProxyKey.created_at), col(ProxyKey.id))
+            ).all()
+            return [api_key_public(k) for k in rows]
+
+    return JSONResponse({"data": await store.run(work)})
+
+
+async def update_api_key(request: Request) -> Response:
+    """Change a key's name, expiry or policy; audited as `api_key.updated`."""
+    actor = await authorize(request)
+    body: ApiKeyUpdate = await read_body(request, ApiKeyUpdate)
+    store = runtime_of(request).store
+    tenant_id = request.path_params["tenant_id"]
+    key_id = request.path_params["key_id"]
+
+    def work() -> dict[str, object]:
+        with store.session() as s:
+            get_tenant_or_404(s, tenant_id)
+            row = s.get(ProxyKey, key_id)
+            if row is None or row.tenant_id != tenant_id or row.revoked_at is not None:
+                raise NotFound("No such proxy key for this tenant.")
+            given = body.model_fields_set
+            changes = {
+                name: value
+                for name, value in (
+                    ("name", body.name),
+                    ("expires_at", body.expires_at),
+                    ("policy", policy.dump(body.policy)),
+                )
+                if name in given
+            }
+            if any(_differs(getattr(row, k), v) for k, v in changes.items()):
+                for k, v in changes.items():
+                    setattr(row, k, v)
+                audit.record(s, actor, tenant_id, "api_key.updated", key_id)
+                s.commit()
+            return api_key_public(row)
+
+    result = await store.run(work)
+    store.invalidate_keys()
+    return JSONResponse(result)
+
+
+def _differs(stored: object, new: object) -> bool:
+    """Whether a new value differs from the stored one (timestamps compared as instants)."""
+    if isinstance(stored, datetime) and isinstance(new, datetime):
+        as_utc = [v if v.tzinfo else v.replace(tzinfo=UTC) for v in (stored, new)]
+        return as_utc[0] != as_utc[1]
+    return stored != new
 
 
 async def revoke_api_key(request: Request) -> Response:

@@ -85,19 +85,28 @@ def reserve(
     return Reservation(tenant_id, day, held) if admitted else None
 
 
-def charged(reservation: Reservation, record: UsageRecord) -> int:
-    """Tokens a finished platform-key request costs the allowance (see module docstring)."""
-    tokens = record.usage.tokens if record.usage is not None else None
-    if tokens is not None:
-        return tokens
+def outcome(record: UsageRecord) -> str:
+    """How a finished request is charged: `usage` (the upstream's usage was seen),
+    `nothing`, or `reservation` (it may have worked, its usage never seen). One rule for
+    the trial allowance and budgets (see module docstring)."""
+    if record.usage is not None and record.usage.tokens is not None:
+        return "usage"
     if record.upstream_status is None:  # never answered: did the upstream get to work?
         gone = record.client_disconnected or record.error_code == "upstream_timeout"
-        return reservation.tokens if gone else 0
+        return "reservation" if gone and record.path in USAGE_ENDPOINTS else "nothing"
     if record.upstream_status >= 400 and not record.client_disconnected:
-        return 0  # an error answered whole: OpenAI bills none
+        return "nothing"  # an error answered whole: OpenAI bills none
     if record.path in USAGE_ENDPOINTS:
-        return reservation.tokens  # worked (or may have), usage never seen
-    return 0
+        return "reservation"  # worked (or may have), usage never seen
+    return "nothing"
+
+
+def charged(reservation: Reservation, record: UsageRecord) -> int:
+    """Tokens a finished platform-key request costs the allowance (see module docstring)."""
+    result = outcome(record)
+    if result == "usage":
+        return record.usage.tokens  # type: ignore[union-attr,return-value]
+    return reservation.tokens if result == "reservation" else 0
 
 
 def settle(engine: Engine, reservation: Reservation, tokens: int) -> None:

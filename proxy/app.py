@@ -27,8 +27,10 @@ from proxy.config import Config, load_config
 from proxy.errors import NotFound, ServiceUnavailable, StoreUnavailable, Unauthorized
 from proxy.forward import Forwarder
 from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.ratelimit import RateLimiter
 from proxy.runtime import Runtime
 from proxy.security import Vault
+from proxy.spend import SpendControl
 from proxy.store import Store, migrate
 from proxy.upstream import make_client
 from proxy.usage_sink import UsageLog
@@ -72,12 +74,20 @@ class ByokApp:
         await run_in_threadpool(migrate, store.engine)
         upstream_client = make_client(config.upstream)
         metrics = Metrics()
+        metrics.known_models = config.prices.knows
         usage_log = UsageLog(
             config.usage_log,
             on_drop=metrics.usage_dropped.inc,
             on_health=lambda ok: metrics.usage_log_writable.set(1 if ok else 0),
         )
         await usage_log.start()
+        spend = SpendControl(
+            store,
+            config.prices,
+            RateLimiter(config.rate_limits, metrics.rate_limiter_shared),
+            config.platform_key.default_output_tokens,
+            on_spend=metrics.spent,
+        )
         runtime = Runtime(
             config=config,
             store=store,
@@ -87,7 +97,9 @@ class ByokApp:
             auth_limit=FailedAuthLimit(
                 config.failed_auth_per_minute, metrics.auth_failures.inc, metrics.auth_blocked.inc
             ),
+            spend=spend,
         )
+        flusher = asyncio.create_task(spend.run())
         self.forwarder = Forwarder(runtime, upstream_client)
         self.runtime = runtime
         self.admin.state.runtime = runtime
@@ -99,6 +111,8 @@ class ByokApp:
         finally:
             self.runtime = None
             await self.forwarder.drain()
+            await spend.aclose()
+            await flusher
             await upstream_client.close()
             await runtime.aclose()
             await usage_log.close()

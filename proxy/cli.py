@@ -197,7 +197,7 @@ def cmd_tenants_create(args: argparse.Namespace) -> int:
     migrate(store.engine)
     try:
         with store.session() as s:
-            tenant, plaintext = create_tenant_row(s, SYSTEM, args.name, args.tier, args.id)
+            tenant, _key, plaintext = create_tenant_row(s, SYSTEM, args.name, args.tier, args.id)
     except ProxyError as exc:
         print(f"byok-proxy: {exc.message}", file=sys.stderr)
         return 1

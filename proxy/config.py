@@ -131,6 +131,17 @@ class DatabaseConfig:
 
 
 @dataclass(frozen=True)
+class RateLimitConfig:
+    """Where rate-limit counters live: Redis (`REDIS_URL`, shared by every worker and
+    replica) or this process; and what to do while Redis cannot be reached."""
+
+    redis_url: str | None = None  # REDIS_URL; None: counted per process
+    fail_open: bool = True  # Redis down: count per process (open) or answer 503 (closed)
+    redis_timeout: float = 0.25  # seconds one Redis call may take before it counts as down
+    key_prefix: str = "byok:rl:"
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the proxy needs, read once."""
 
@@ -151,6 +162,8 @@ class Config:
     admin_host: str | None = None
     admin_port: int | None = None
     shutdown_timeout_seconds: float = 30.0
+    rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
+    prices: Any = None  # proxy.prices.PriceTable (set by load_config)
 
 
 def _section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
@@ -195,6 +208,8 @@ def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
         "metrics",
         "admin",
         "server",
+        "rate_limits",
+        "prices",
     }
     unknown = set(raw) - top
     if unknown:
@@ -282,6 +297,9 @@ def load_config(
     admin = _section(raw, "admin", {"host", "port"})
     server = _section(raw, "server", {"shutdown_timeout_seconds"})
     database = _database_config(_section(raw, "database", set(DatabaseConfig.__dataclass_fields__)))
+    rate_limits = _rate_limit_config(
+        _section(raw, "rate_limits", {"fail", "redis_timeout_seconds"}), env
+    )
 
     allow_insecure = _typed(up.get("allow_insecure", False), bool, "upstream.allow_insecure")
     base_url = env.get("OPENAI_BASE_URL") or up.get("base_url") or DEFAULT_BASE_URL
@@ -359,6 +377,8 @@ def load_config(
             "PLATFORM_OPENAI_KEY is malformed: expected 20 to 512 characters of [A-Za-z0-9_-]"
         )
     admin_port = admin.get("port")
+    from proxy.prices import load_prices  # here: proxy.prices imports this module
+
     return Config(
         keyring=keyring,
         admin_token=Secret(token),
@@ -382,10 +402,25 @@ def load_config(
         ),
         admin_host=admin.get("host"),
         admin_port=_typed(admin_port, int, "admin.port") if admin_port is not None else None,
+        rate_limits=rate_limits,
+        prices=load_prices(raw.get("prices")),
         shutdown_timeout_seconds=_typed(
             server.get("shutdown_timeout_seconds", 30.0), float, "server.shutdown_timeout_seconds"
         ),
     )
+
+
+def _rate_limit_config(section: Mapping[str, Any], env: Mapping[str, str]) -> RateLimitConfig:
+    fail = section.get("fail", "open")
+    if fail not in ("open", "closed"):
+        raise ConfigError(f"config.yaml: rate_limits.fail must be open or closed, got {fail!r}")
+    url = (env.get("REDIS_URL") or "").strip() or None
+    if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
+    timeout = _typed(
+        section.get("redis_timeout_seconds", 0.25), float, "rate_limits.redis_timeout_seconds"
+    )
+    return RateLimitConfig(redis_url=url, fail_open=fail == "open", redis_timeout=timeout)
 
 
 def _database_config(section: Mapping[str, Any]) -> DatabaseConfig:

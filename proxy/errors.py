@@ -17,13 +17,17 @@ The tree (status code in brackets)::
     │   ├── OpenAIKeyInvalid        [402] openai_key_invalid
     │   ├── OpenAIQuotaExceeded     [402] openai_quota_exceeded
     │   ├── TrialQuotaExceeded      [402] trial_quota_exceeded
-    │   └── PlatformKeyNotAllowed   [402] platform_key_not_allowed
+    │   ├── PlatformKeyNotAllowed   [402] platform_key_not_allowed
+    │   └── BudgetExceeded          [402] budget_exceeded (a hard budget used up)
     ├── Forbidden                   [403] forbidden
+    │   ├── ModelNotAllowed         [403] model_not_allowed (outside the allow-list)
+    │   └── ModelNotPriced          [403] model_not_priced (hard budget, no price known)
     ├── NotFound                    [404] not_found
     ├── MethodNotAllowed            [405] method_not_allowed
     ├── Conflict                    [409] tenant_exists
     ├── RequestTooLarge             [413] request_too_large
     ├── TooManyFailedAuthentications [429] too_many_failed_authentications (Retry-After)
+    ├── RateLimitExceeded           [429] rate_limit_exceeded (Retry-After, x-ratelimit-*)
     ├── ValidationFailed            [422] invalid_request / invalid_key_format
     │   └── OpenAIKeyForbidden      [422] openai_key_forbidden
     ├── KeyDecryptionFailed         [500] key_decryption_failed
@@ -32,7 +36,8 @@ The tree (status code in brackets)::
     ├── OpenAIUnreachable           [503] openai_unreachable (key validation)
     ├── ServiceUnavailable          [503] not_ready
     │   ├── StoreUnavailable        [503] store_unavailable (database slow or down; Retry-After)
-    │   └── ProxyOverloaded         [503] proxy_overloaded (out of file descriptors; Retry-After)
+    │   ├── ProxyOverloaded         [503] proxy_overloaded (out of file descriptors; Retry-After)
+    │   └── RateLimiterUnavailable  [503] rate_limiter_unavailable (Redis down, fail-closed)
     └── UpstreamTimeout             [504] upstream_timeout
 
 Messages are written by us. The one that carries upstream words
@@ -130,6 +135,15 @@ class PlatformKeyNotAllowed(PaymentRequired):
     code = "platform_key_not_allowed"
 
 
+class ProxyKeyExpired(Unauthorized):
+    code = "proxy_key_expired"
+    message = "This proxy key has expired; ask the operator for a new one."
+
+
+class BudgetExceeded(PaymentRequired):
+    code = "budget_exceeded"
+
+
 class UpstreamUnauthorized(Unauthorized):
     """An upstream 401 that is not about the key itself (organization header, scope)."""
 
@@ -145,6 +159,14 @@ class Forbidden(ProxyError):
     type = "invalid_request_error"
     code = "forbidden"
     message = "This credential may not use this route."
+
+
+class ModelNotAllowed(Forbidden):
+    code = "model_not_allowed"
+
+
+class ModelNotPriced(Forbidden):
+    code = "model_not_priced"
 
 
 class NotFound(ProxyError):
@@ -184,6 +206,20 @@ class TooManyFailedAuthentications(ProxyError):
             f"the proxy are refused for {retry_after} s. Check the proxy key you send."
         )
         self.headers = ((b"retry-after", str(retry_after).encode()),)
+
+
+class RateLimitExceeded(ProxyError):
+    """Over a tenant's or key's requests or tokens per minute; `type` is `requests` or
+    `tokens` as in OpenAI's own 429, and the headers are OpenAI's (`proxy.ratelimit`)."""
+
+    status_code = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, kind: str, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        super().__init__(message)
+        self.type = kind
+        self.headers = headers
 
 
 class ValidationFailed(ProxyError):
@@ -235,6 +271,16 @@ class StoreUnavailable(ServiceUnavailable):
     message = (
         "The proxy's database is slow or unreachable, and this request needs it. "
         "Retry after the number of seconds in Retry-After."
+    )
+    headers = RETRY_SOON
+
+
+class RateLimiterUnavailable(ServiceUnavailable):
+    code = "rate_limiter_unavailable"
+    message = (
+        "The proxy's rate limiter (Redis) is unreachable and the proxy is set to refuse "
+        "requests then (rate_limits.fail: closed). Retry after the number of seconds in "
+        "Retry-After."
     )
     headers = RETRY_SOON
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 from yarl import URL
 
-from proxy import allowance, credentials, platform, rejections
+from proxy import allowance, credentials, platform, policy, rejections
 from proxy.asgi import Receive, Scope, Send, send_error
 from proxy.credentials import Credential
 from proxy.downstream import (
@@ -41,16 +41,26 @@ from proxy.errors import (
     OpenAIQuotaExceeded,
     PlatformKeyRejected,
     ProxyError,
+    ProxyKeyExpired,
     ProxyOverloaded,
     RequestTooLarge,
     StoreUnavailable,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from proxy.request_json import SMALL, ask_for_usage, fields_of, parse_small, read_large
+from proxy.multipart_model import read_model_field, refuse_second_model
+from proxy.request_json import (
+    SMALL,
+    Fields,
+    ask_for_usage,
+    fields_of,
+    parse_small,
+    read_large,
+)
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX
 from proxy.server import out_of_descriptors
+from proxy.spend import Admission
 from proxy.streaming import BodyUsage, SSEScanner
 from proxy.upstream import (
     readable_accept_encoding,
@@ -64,6 +74,17 @@ log = logging.getLogger("byok.proxy")
 
 _USAGE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 _MAX_ERROR_BODY = 64 * 1024
+_POLICY_CODES = frozenset(
+    {
+        "budget_exceeded",
+        "rate_limit_exceeded",
+        "model_not_allowed",
+        "model_not_priced",
+        "endpoint_not_metered",
+        "proxy_key_expired",
+        "rate_limiter_unavailable",
+    }
+)
 _WHOLE_BODY_BYTES = 256 * 1024  # plain responses up to this size are sent in one piece
 
 
@@ -73,6 +94,37 @@ def _is_json(content_type: bytes | None) -> bool:
         return False
     media = content_type.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or media.endswith(b"+json")
+
+
+def _is_multipart(content_type: bytes | None) -> bool:
+    return content_type is not None and content_type[:19].lower() == b"multipart/form-data"
+
+
+async def _one(chunk: bytes) -> AsyncIterator[bytes]:
+    yield chunk
+
+
+def _query_model(query: bytes) -> str | None:
+    """A `model` in the query string (the Realtime API names its model there)."""
+    if b"model" not in query.lower():
+        return None
+    from urllib.parse import parse_qsl
+
+    for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name.lower() == "model":
+            return value
+    return None
+
+
+def _adding_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """`send`, with `extra` added to the response's headers (budget warnings)."""
+
+    async def sender(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return sender
 
 
 def _upstream_error(exc: BaseException) -> ProxyError:
@@ -143,6 +195,7 @@ class Forwarder:
         self.config = runtime.config
         self.store = runtime.store
         self.client = client
+        self.spend = runtime.spend
         self._settling: set[asyncio.Future[None]] = set()
         self._large_parses = asyncio.Semaphore(2)  # big bodies parsed at once (CPU-bound)
 
@@ -157,10 +210,14 @@ class Forwarder:
         record = UsageRecord(
             request_id, scope["method"], scope["path"], time.perf_counter(), time.time()
         )
+        admitted: list[Admission] = []
         try:
-            await self._forward(scope, receive, send, record, rid_header)
+            await self._forward(scope, receive, send, record, rid_header, admitted)
         except ProxyError as exc:
-            if isinstance(exc, InvalidProxyKey):
+            if exc.code in _POLICY_CODES:
+                reason = f"rate_limit_{exc.type}" if exc.status_code == 429 else exc.code
+                self.runtime.metrics.policy_refused(str(reason))
+            elif isinstance(exc, InvalidProxyKey):
                 self.runtime.auth_limit.failed(_peer(scope))
             elif isinstance(exc, KeyDecryptionFailed):
                 log.error(
@@ -187,6 +244,9 @@ class Forwarder:
                 await send_error(send, ProxyError(), (rid_header,))
         finally:
             record.duration_ms = round((time.perf_counter() - record.started) * 1000, 3)
+            if record.usage is not None:
+                record.cost_nanos = self.config.prices.cost_nanos(record.model, record.usage)
+            self.spend.finish(admitted[0] if admitted else None, record)
             self.runtime.usage_log.write(record)
             self.runtime.metrics.observe(record)
 
@@ -197,6 +257,7 @@ class Forwarder:
         send: Send,
         record: UsageRecord,
         rid_header: tuple[bytes, bytes],
+        admitted: list[Admission],
     ) -> None:
         token = length = content_type = None
         has_body = False
@@ -222,6 +283,11 @@ class Forwarder:
         if tenant is None:
             raise InvalidProxyKey()
         record.tenant_id = tenant.id
+        record.api_key_id = principal.key_id  # type: ignore[union-attr]
+        assert principal is not None
+        if principal.expired(time.time()):
+            raise ProxyKeyExpired()
+        restricted = policy.restricts_models(tenant.policy, principal.policy)
 
         raw_path = scope.get("raw_path") or scope["path"].encode()
         url = target_url(self.config.upstream.base_url, raw_path, scope.get("query_string", b""))
@@ -236,18 +302,30 @@ class Forwarder:
 
         body: bytes | AsyncIterator[bytes] | None = None
         request: dict[str, Any] | None = None
+        counts: dict[str, Any] | None = None
         upload_failure: list[Exception] = []
         strip_usage = False
         streamed_body = False
         if has_body:
             # JSON bodies are read whole (model, stream, usage splice); so is every body on
-            # the platform key, which must be a JSON object (`proxy.platform`).
-            is_json = on_platform or _is_json(content_type)
+            # the platform key, which must be a JSON object (`proxy.platform`), and, under a
+            # model allow-list, every body but a multipart upload (its `model` field is read).
+            multipart = _is_multipart(content_type)
+            is_json = on_platform or _is_json(content_type) or (restricted and not multipart)
             first = await receive()
             if first["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = first.get("body", b"")
-            if not first.get("more_body"):
+            if restricted and multipart and not on_platform:
+                assert content_type is not None
+                record.model, held, more = await read_model_field(
+                    content_type, chunk, bool(first.get("more_body")), receive, limit
+                )
+                chunk = b"".join(held)
+                rest = stream_body(receive, chunk, limit, upload_failure) if more else _one(chunk)
+                body = refuse_second_model(content_type, rest, upload_failure)
+                streamed_body = True
+            elif not first.get("more_body"):
                 if len(chunk) > limit:
                     raise too_large(limit)
                 body = chunk
@@ -264,14 +342,27 @@ class Forwarder:
                     )
                 body, request = platform.check_body(tenant.id, scope["path"], body)
             if is_json and isinstance(body, bytes):
-                body, strip_usage = await self._inspect_json(body, request, scope, record)
+                body, strip_usage, counts = await self._inspect_json(body, request, scope, record)
         elif on_platform and scope["method"] in ("POST", "PUT", "PATCH"):
             platform.check_body(tenant.id, scope["path"], b"")  # 400: a JSON body is needed
+        if restricted:
+            policy.check_model(
+                (tenant.policy, principal.policy),
+                record.model or _query_model(scope.get("query_string", b"")),
+                scope["method"],
+                scope["path"],
+            )
+        size = len(body) if isinstance(body, bytes) else 0
+        if tenant.policy is not None or principal.policy is not None:
+            admission = await self.spend.admit(tenant, principal, record, counts, size)
+            if admission is not None:
+                admitted.append(admission)
+                if admission.headers:
+                    send = _adding_headers(send, admission.headers)
 
         reservation = None
         if not isinstance(choice, Credential):
             # Reserved only now, so a request refused for its body costs no allowance.
-            size = len(body) if isinstance(body, bytes) else 0
             estimate = platform.estimate_tokens(
                 scope["path"], request, size, self.config.platform_key.default_output_tokens
             )
@@ -501,8 +592,9 @@ class Forwarder:
 
     async def _inspect_json(
         self, body: bytes, request: dict[str, Any] | None, scope: Scope, record: UsageRecord
-    ) -> tuple[bytes, bool]:
+    ) -> tuple[bytes, bool, dict[str, Any] | None]:
         """Note `model` and `stream`; make streamed chat completions ask for usage.
+        Also returns the fields a cost estimate reads (`proxy.platform.estimate_tokens`).
 
         `request` is the body already parsed (platform key), else None. A body
         that is not a JSON object goes as it is: the upstream answers 400 in its
@@ -510,6 +602,7 @@ class Forwarder:
         """
         if request is None and len(body) <= SMALL:
             request = parse_small(body)
+        fields: Fields | None
         if request is not None:
             fields = fields_of(request)
         else:  # big, or too deep for json.loads: in pieces, a few at a time per worker
@@ -522,10 +615,11 @@ class Forwarder:
                         "no NaN or Infinity) for the proxy to meter it.",
                         code="invalid_json",
                     )
-                return body, False
+                return body, False, None
             fields = found
         record.model = fields.model if isinstance(fields.model, str) else None
         record.stream = fields.streams
+        counts = request if request is not None else fields.counts
         if record.stream and scope["method"] == "POST" and scope["path"] in _USAGE_PATHS:
-            return ask_for_usage(body, fields)
-        return body, False
+            return (*ask_for_usage(body, fields), counts)
+        return body, False, counts

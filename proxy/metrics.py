@@ -89,6 +89,58 @@ class Metrics:
             multiprocess_mode="livemin",
         )
         self.usage_log_writable.set(1)
+        self.spend = Counter(
+            "byok_spend_usd",
+            "Cost of requests in USD by tenant and model (models outside the price table: other)",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.model_tokens = Counter(
+            "byok_model_tokens",
+            "Tokens by tenant, model (priced models; else other) and kind (prompt/completion)",
+            ["tenant", "model", "kind"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "byok_policy_refusals",
+            "Requests refused by spend control, by reason (the error code)",
+            ["reason"],
+            registry=r,
+        )
+        self.limiter_shared = Gauge(
+            "byok_rate_limiter_redis_up",
+            "1 while rate limits are counted in Redis, 0 while Redis is unreachable",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.limiter_shared.set(1)
+        self.known_models: Any = None  # set by the app: the price table's `knows`
+
+    def rate_limiter_shared(self, up: bool) -> None:
+        self.limiter_shared.set(1 if up else 0)
+
+    def policy_refused(self, reason: str) -> None:
+        """Count a spend-control refusal (`rate_limit_requests`, `budget_exceeded`, ...)."""
+        self._child(self.refusals, reason).inc()
+
+    def spent(self, record: UsageRecord) -> None:
+        """Count a finished request's cost and tokens by model (bounded: known models only)."""
+        usage = record.usage
+        if usage is None or record.tenant_id is None:
+            return
+        known = self.known_models
+        name = (record.model or "").lower()
+        model = name if known is not None and known(name) else "other"
+        if record.cost_nanos:
+            self._child(self.spend, record.tenant_id, model).inc(record.cost_nanos / 1e9)
+        if usage.prompt_tokens:
+            self._child(self.model_tokens, record.tenant_id, model, "prompt").inc(
+                usage.prompt_tokens
+            )
+        if usage.completion_tokens:
+            self._child(self.model_tokens, record.tenant_id, model, "completion").inc(
+                usage.completion_tokens
+            )
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, remembered (labels() is the costly part of a count)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime
 
+from sqlalchemy import BigInteger, Column
 from sqlmodel import Field, SQLModel
 
 
@@ -41,6 +42,7 @@ class Tenant(SQLModel, table=True):
     openai_key_hint: str | None = Field(default=None, max_length=20)
     openai_key_validated_at: datetime | None = None
     openai_key_updated_at: datetime | None = None
+    policy: str | None = None  # JSON of `proxy.policy.PolicyIn`; None: no limits
 
 
 class ProxyKey(SQLModel, table=True):
@@ -53,6 +55,10 @@ class ProxyKey(SQLModel, table=True):
     key_hash: str = Field(unique=True, max_length=64, repr=False)
     created_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+    name: str | None = Field(default=None, max_length=200)
+    expires_at: datetime | None = None
+    last_used_at: datetime | None = None  # written off the hot path, at most once a minute
+    policy: str | None = None  # JSON of `proxy.policy.PolicyIn`; None: no limits
 
 
 class AuditEvent(SQLModel, table=True):
@@ -83,3 +89,41 @@ class TrialAllowance(SQLModel, table=True):
     requests: int = 0
     tokens: int = 0
     reserved: int = 0
+
+
+def _big(**kw: object) -> object:
+    return Field(default=0, sa_column=Column(BigInteger(), nullable=False, **kw))  # type: ignore[arg-type]
+
+
+class UsageLedger(SQLModel, table=True):
+    """Usage per tenant, proxy key, model and UTC day, summed from the usage lines
+    (`proxy.ledger`); `api_key_id`/`model` are "" when unknown. `cost_nanos` is in
+    1e-9 USD; `unpriced` counts the requests whose cost is unknown (not in the sum)."""
+
+    __tablename__ = "usage_ledger"
+
+    tenant_id: str = Field(primary_key=True, max_length=63)
+    day: date = Field(primary_key=True)
+    api_key_id: str = Field(primary_key=True, max_length=40)
+    model: str = Field(primary_key=True, max_length=128)
+    requests: int = _big()  # type: ignore[assignment]
+    prompt_tokens: int = _big()  # type: ignore[assignment]
+    completion_tokens: int = _big()  # type: ignore[assignment]
+    cached_tokens: int = _big()  # type: ignore[assignment]
+    cost_nanos: int = _big()  # type: ignore[assignment]
+    unpriced: int = _big()  # type: ignore[assignment]
+
+
+class BudgetSpend(SQLModel, table=True):
+    """Spend against one budget (`scope` is `tenant:<id>` or `key:<id>`) in one period
+    (`day` or `month`, starting `start`), shared by every worker: `spent_nanos` settled,
+    `reserved_nanos` leased by workers for requests in flight (`proxy.budgets`)."""
+
+    __tablename__ = "budget_spend"
+
+    scope: str = Field(primary_key=True, max_length=80)
+    period: str = Field(primary_key=True, max_length=5)
+    start: date = Field(primary_key=True)
+    spent_nanos: int = _big()  # type: ignore[assignment]
+    reserved_nanos: int = _big()  # type: ignore[assignment]
+    warned_at: datetime | None = None  # a soft budget's crossing, audited once

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.decoder import scanstring  # type: ignore[attr-defined]
 from typing import Any
 
@@ -34,6 +34,12 @@ _ABSENT = object()
 _USAGE = '"include_usage":true'
 
 
+# Top-level fields a cost estimate reads (`proxy.platform.estimate_tokens`).
+COUNT_FIELDS = frozenset(
+    {"max_completion_tokens", "max_tokens", "max_output_tokens", "n", "best_of"}
+)
+
+
 @dataclass(slots=True)
 class Fields:
     """The top-level fields the proxy cares about (`options` is `_ABSENT` when missing)."""
@@ -41,6 +47,7 @@ class Fields:
     model: Any = None
     stream: Any = None
     options: Any = _ABSENT
+    counts: dict[str, Any] = field(default_factory=dict)  # COUNT_FIELDS, for estimates
 
     @property
     def streams(self) -> bool:
@@ -108,6 +115,8 @@ async def read_large(body: bytes) -> Fields | None:
                         fields.stream = value
                     elif top_key == "stream_options":
                         fields.options, options = value, None
+                    elif top_key in COUNT_FIELDS:
+                        fields.counts[top_key] = value
                 elif depth == 2 and options is not None and inner_key == "include_usage":
                     options["include_usage"] = value
             del events[:]

@@ -15,6 +15,7 @@ from proxy.auth_limit import FailedAuthLimit
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.security import Vault
+from proxy.spend import SpendControl
 from proxy.store import Store
 from proxy.usage_sink import UsageLog
 
@@ -29,6 +30,7 @@ class Runtime:
     usage_log: UsageLog
     metrics: Metrics
     auth_limit: FailedAuthLimit
+    spend: SpendControl
     _validation_client: httpx.AsyncClient | None = field(default=None, repr=False)
 
     @property

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,14 @@ from sqlmodel import Session, col, create_engine, select
 from proxy.config import DatabaseConfig
 from proxy.errors import StoreUnavailable
 from proxy.models import ProxyKey, Tenant
+from proxy.policy import Policy
+from proxy.policy import parse as parse_policy
 from proxy.security import hash_proxy_key
 
 log = logging.getLogger("byok.store")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0002"  # the newest revision in proxy/migrations/versions (a test checks)
+HEAD_REVISION = "0003"  # the newest revision in proxy/migrations/versions (a test checks)
 _PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
 _MISS = object()
 _MAX_CACHED = 100_000  # entries per cache; past this it starts over
@@ -55,6 +58,7 @@ class TenantSnapshot:
     tier: str
     key_status: str
     ciphertext: str | None
+    policy: Policy | None = None
 
     def __repr__(self) -> str:
         return f"TenantSnapshot(id={self.id!r}, tier={self.tier!r}, key_status={self.key_status!r})"
@@ -62,10 +66,15 @@ class TenantSnapshot:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a proxy key belongs to."""
+    """Who a proxy key belongs to, until when, and under which policy."""
 
     tenant_id: str
     key_id: str
+    expires_at: float | None = None  # Unix time; None: never
+    policy: Policy | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
 
 # Errors that mean "the database is slow, locked, down or read-only", not "this request is
@@ -168,6 +177,13 @@ def migrate(engine: Engine) -> None:
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def _epoch(value: datetime | None) -> float | None:
+    """A stored timestamp (naive means UTC: SQLite drops the zone) as Unix time."""
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
 _last_warning = [0.0]
@@ -279,7 +295,11 @@ class Store:
                     col(ProxyKey.revoked_at).is_(None),
                 )
             ).first()
-        found = Principal(row.tenant_id, row.id) if row else None
+        found = (
+            Principal(row.tenant_id, row.id, _epoch(row.expires_at), parse_policy(row.policy))
+            if row
+            else None
+        )
         if found is not None:
             if len(self._valid) >= _MAX_CACHED:
                 self._valid.clear()
@@ -297,7 +317,13 @@ class Store:
         with self.session() as s:
             row = s.get(Tenant, tenant_id)
         snap = (
-            TenantSnapshot(row.id, row.tier, row.openai_key_status, row.openai_api_key_encrypted)
+            TenantSnapshot(
+                row.id,
+                row.tier,
+                row.openai_key_status,
+                row.openai_api_key_encrypted,
+                parse_policy(row.policy),
+            )
             if row
             else None
         )

@@ -40,29 +40,38 @@ STEP = 1024 * 1024  # most bytes inflated (and then parsed) per step on the even
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts; None where the upstream did not say."""
+    """Token counts; None where the upstream did not say. `cached_tokens` is the part of
+    the prompt served from OpenAI's prompt cache (billed at the cached-input price)."""
 
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    cached_tokens: int | None = None
 
     @classmethod
     def from_object(cls, usage: Any) -> Usage | None:
-        """Chat/embeddings (`prompt_tokens`...) or Responses API (`input_tokens`...) usage."""
+        """Chat/embeddings (`prompt_tokens`...) or Responses API (`input_tokens`...) usage,
+        with `prompt_tokens_details` / `input_tokens_details` `.cached_tokens`."""
         if not isinstance(usage, dict):
             return None
 
-        def count(*names: str) -> int | None:
+        def count(source: dict[str, Any], *names: str) -> int | None:
             for name in names:
-                value = usage.get(name)
+                value = source.get(name)
                 if isinstance(value, int) and not isinstance(value, bool):
                     return value
             return None
 
+        cached = None
+        for details in ("prompt_tokens_details", "input_tokens_details"):
+            found = usage.get(details)
+            if isinstance(found, dict) and (cached := count(found, "cached_tokens")) is not None:
+                break
         return cls(
-            count("prompt_tokens", "input_tokens"),
-            count("completion_tokens", "output_tokens"),
-            count("total_tokens"),
+            count(usage, "prompt_tokens", "input_tokens"),
+            count(usage, "completion_tokens", "output_tokens"),
+            count(usage, "total_tokens"),
+            cached,
         )
 
     @property

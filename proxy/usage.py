@@ -4,7 +4,8 @@ Fields (stable; documented in the README for dashboard authors): `ts`,
 `request_id`, `tenant_id`, `method`, `path`, `model`, `stream`, `status`,
 `upstream_status`, `duration_ms`, `ttfb_ms`, `prompt_tokens`,
 `completion_tokens`, `total_tokens`, `key_source`, `error_code`,
-`client_disconnected`.
+`client_disconnected`, `cost_usd` (null when the price is unknown: `proxy.prices`),
+`api_key_id` (null when no key was recognised).
 
 Caller-chosen fields (`path`, `model`) are cut to a bounded length, so a
 line always stays under 4 KiB and is written whole (`proxy.usage_sink`).
@@ -42,6 +43,8 @@ class UsageRecord:
     key_source: str | None = None
     error_code: str | None = None
     client_disconnected: bool = False
+    api_key_id: str | None = None
+    cost_nanos: int | None = None  # 1e-9 USD, from `proxy.prices`
 
     def line(self) -> bytes:
         """The JSON line (with newline); hand-assembled, it runs once per request."""
@@ -60,7 +63,8 @@ class UsageRecord:
             f'"completion_tokens":{_num(usage.completion_tokens)},'
             f'"total_tokens":{_num(usage.total_tokens)},"key_source":{_str(self.key_source)},'
             f'"error_code":{_str(self.error_code)},'
-            f'"client_disconnected":{_BOOL[self.client_disconnected]}}}\n'
+            f'"client_disconnected":{_BOOL[self.client_disconnected]},'
+            f'"cost_usd":{_usd(self.cost_nanos)},"api_key_id":{_str(self.api_key_id)}}}\n'
         ).encode()
 
 
@@ -85,6 +89,14 @@ def _capped(value: str | None, chars: int) -> str:
         chars //= 2
         text = encode_basestring_ascii(value[:chars])
     return text  # type: ignore[no-any-return]
+
+
+def _usd(nanos: int | None) -> str:
+    """Nano-USD as a JSON number of dollars, exact to the nano (no float rounding noise)."""
+    if nanos is None:
+        return "null"
+    whole, frac = divmod(nanos, 1_000_000_000)
+    return f"{whole}.{frac:09d}".rstrip("0").rstrip(".") if frac else str(whole)
 
 
 def _num(value: float | None) -> str:

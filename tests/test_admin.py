@@ -65,7 +65,7 @@ async def test_create_get_list_tenant(client: httpx.AsyncClient) -> None:
     r = await client.post("/api/v1/tenants", json={"name": "Acme", "tier": "trial"}, headers=ADMIN)
     assert r.status_code == 201
     body = r.json()
-    assert set(body) == {"id", "name", "tier", "api_key", "created_at"}
+    assert set(body) == {"id", "name", "tier", "api_key", "api_key_id", "created_at"}
     assert body["api_key"].startswith("byok-") and body["created_at"].endswith("Z")
     assert r.headers["x-byok-request-id"].startswith("req_")
 
@@ -413,7 +413,8 @@ async def test_issue_and_revoke_proxy_keys(client: httpx.AsyncClient) -> None:
     r = await client.post("/api/v1/tenants/acme/api-keys", headers=ADMIN)
     assert r.status_code == 201
     issued = r.json()
-    assert set(issued) == {"id", "api_key", "created_at"} and issued["api_key"] != first
+    assert set(issued) == {"id", "api_key", "created_at", "name", "expires_at", "last_used_at", "policy"}
+    assert issued["api_key"] != first
     assert (
         await client.get("/api/v1/tenants/acme", headers=bearer(issued["api_key"]))
     ).status_code == 200

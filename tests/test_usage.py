@@ -23,6 +23,8 @@ from proxy.usage_sink import UsageLog
 
 FIELDS = {
     "ts",
+    "cost_usd",
+    "api_key_id",
     "request_id",
     "tenant_id",
     "method",
@@ -57,7 +59,9 @@ def assert_usage_line(
     else:
         assert ttfb is None
     rest = {
-        k: v for k, v in line.items() if k not in ("ts", "request_id", "duration_ms", "ttfb_ms")
+        k: v
+        for k, v in line.items()
+        if k not in ("ts", "request_id", "duration_ms", "ttfb_ms", "api_key_id", "cost_usd")
     }
     assert rest == expected
 

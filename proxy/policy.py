@@ -1,0 +1,180 @@
+"""A tenant's or proxy key's spend policy: budgets, rate limits, allowed models.
+
+The admin API validates a policy with `PolicyIn` (SPEC section 9) and stores
+it as JSON on the tenant or key row; the hot path reads it once per cache
+load into a frozen `Policy`. Every field is optional: absent or null is no
+limit. A request must pass the tenant's policy and its key's, both.
+
+Allowed models are exact names or a prefix ending in `*`, compared without
+regard to case (OpenAI's model ids are lower case; `GPT-4O` is `gpt-4o`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+
+from proxy.errors import ModelNotAllowed
+
+_MODEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,126}\*?$")
+_ONE_DAY = timedelta(days=1)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class BudgetIn(_Strict):
+    period: Literal["day", "month"]
+    limit_usd: float = Field(ge=0, le=1e9)
+    hard: StrictBool = True
+
+    @field_validator("limit_usd")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class RateLimitsIn(_Strict):
+    rpm: StrictInt | None = Field(default=None, ge=1, le=10_000_000)
+    tpm: StrictInt | None = Field(default=None, ge=1, le=10_000_000_000)
+
+
+class PolicyIn(_Strict):
+    """The policy object of SPEC section 9."""
+
+    budgets: list[BudgetIn] | None = Field(default=None, max_length=2)
+    rate_limits: RateLimitsIn | None = None
+    allowed_models: list[str] | None = Field(default=None, max_length=200)
+
+    @field_validator("budgets")
+    @classmethod
+    def _one_per_period(cls, value: list[BudgetIn] | None) -> list[BudgetIn] | None:
+        if value is not None and len({b.period for b in value}) != len(value):
+            raise ValueError("at most one budget per period (day, month)")
+        return value
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _model_names(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or []:
+            if not isinstance(name, str) or not _MODEL_PATTERN.match(name):
+                raise ValueError(
+                    "each entry is a model name (letters, digits, . _ : / -, up to 127 "
+                    "characters), optionally ending in * to match a prefix"
+                )
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    period: str  # "day" | "month"
+    limit_nanos: int  # 1e-9 USD
+    hard: bool
+
+    @property
+    def limit_usd(self) -> float:
+        return self.limit_nanos / 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A parsed policy, as the hot path uses it."""
+
+    budgets: tuple[Budget, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    allowed: tuple[str, ...] | None = None  # lower-cased; a trailing * matches a prefix
+
+    def allows(self, model: str) -> bool:
+        """Whether `model` is on the allow-list (always, when there is none)."""
+        if self.allowed is None:
+            return True
+        name = model.lower()
+        for entry in self.allowed:
+            if entry.endswith("*"):
+                if name.startswith(entry[:-1]):
+                    return True
+            elif name == entry:
+                return True
+        return False
+
+
+def restricts_models(*policies: Policy | None) -> bool:
+    """Whether any of `policies` has an allow-list (the body must then name its model)."""
+    return any(p is not None and p.allowed is not None for p in policies)
+
+
+def check_model(
+    policies: tuple[Policy | None, ...], model: str | None, method: str, path: str
+) -> None:
+    """Raise 403 `model_not_allowed` unless every policy allows the request's model.
+
+    A request that names no model passes (reads, files), except a batch: its
+    input file may name any model, so a key with an allow-list cannot start one.
+    """
+    if model is None:
+        if method == "POST" and path.rstrip("/") == "/v1/batches":
+            raise ModelNotAllowed(
+                "Batches may run any model, so they are refused for a tenant or key with an "
+                "allowed_models list."
+            )
+        return
+    for p in policies:
+        if p is not None and not p.allows(model):
+            shown = model if len(model) <= 128 else model[:128] + "..."
+            raise ModelNotAllowed(
+                f"The model {shown!r} is not allowed for this tenant or proxy key; allowed: "
+                f"{', '.join(p.allowed or ()) or 'none'}.",
+                param="model",
+            )
+
+
+def parse(text: str | None) -> Policy | None:
+    """The stored JSON of a policy as a `Policy`; None when there is none (or it is empty)."""
+    if not text:
+        return None
+    raw = PolicyIn.model_validate_json(text)
+    limits = raw.rate_limits or RateLimitsIn()
+    policy = Policy(
+        tuple(Budget(b.period, round(b.limit_usd * 1e9), b.hard) for b in raw.budgets or ()),
+        limits.rpm,
+        limits.tpm,
+        None if raw.allowed_models is None else tuple(m.lower() for m in raw.allowed_models),
+    )
+    return None if policy == Policy() else policy
+
+
+def dump(policy: PolicyIn | None) -> str | None:
+    """The JSON stored for a policy (None when it sets nothing)."""
+    if policy is None:
+        return None
+    data = policy.model_dump(exclude_none=True)
+    return json.dumps(data, separators=(",", ":")) if data else None
+
+
+def public(text: str | None) -> dict[str, object]:
+    """The policy as the admin API shows it: every field, null where unset."""
+    raw = PolicyIn.model_validate_json(text) if text else PolicyIn()
+    return raw.model_dump()
+
+
+def period_start(period: str, day: date) -> date:
+    """The first day of the `period` ("day" or "month") that contains `day`."""
+    return day if period == "day" else day.replace(day=1)
+
+
+def period_end(period: str, start: date) -> datetime:
+    """When a period that began on `start` ends (its budget resets), UTC midnight."""
+    if period == "day":
+        return datetime(start.year, start.month, start.day, tzinfo=UTC) + _ONE_DAY
+    year, month = (start.year + 1, 1) if start.month == 12 else (start.year, start.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC)

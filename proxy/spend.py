@@ -1,0 +1,290 @@
+"""Spend control on the hot path: one `admit()` before the upstream call, one `finish()` after.
+
+`admit()` applies, for the tenant's policy and its proxy key's (`proxy.policy`):
+the rate limits (`proxy.ratelimit`, 429), then the budgets (`proxy.budgets`,
+402), holding the request's estimated cost. `finish()` settles both with
+what the request cost and adds the usage line to the ledger
+(`proxy.ledger`). A background task (`run()`) writes the ledger and the
+budgets' settled spend every `FLUSH_SECONDS` in one transaction, off the hot
+path; nothing on it waits for the database unless a budget lease runs dry.
+
+What a request costs (`charge`): the price of its usage when the upstream
+reported usage; else nothing if the upstream was not reached or answered an
+error whole; else (a stream cut, a client gone before the usage arrived) its
+estimate, as the trial allowance does (`proxy.allowance.outcome`).
+
+With a hard budget, only what the proxy can price is admitted: a model
+missing from the price table is refused (403 `model_not_priced`), and so are
+endpoints that start work whose cost never comes back in a response
+(batches, fine-tuning, assistants runs, images, audio, realtime: 403
+`endpoint_not_metered`). Reads, deletes, file uploads and moderations cost
+nothing and pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from proxy import allowance, budgets, ledger
+from proxy.budgets import Budgets, Hold, Lease, LeaseKey
+from proxy.errors import ModelNotPriced, StoreUnavailable
+from proxy.platform import USAGE_ENDPOINTS, estimate_tokens
+from proxy.prices import PriceTable
+from proxy.ratelimit import Limit, RateLimiter, Ticket
+from proxy.store import Principal, Store, TenantSnapshot
+from proxy.usage import UsageRecord
+
+log = logging.getLogger("byok.spend")
+
+FLUSH_SECONDS = 1.0
+CLAIM_PAUSE = 1.0  # seconds a dry budget is not asked again (a refused caller costs no write)
+_FREE_POSTS = ("/v1/moderations", "/v1/files", "/v1/uploads")
+WARNING_HEADER = b"x-byok-budget-warning"
+
+
+@dataclass(slots=True)
+class Admission:
+    """What a request was admitted on: holds to settle and headers to add."""
+
+    holds: list[Hold] = field(default_factory=list)
+    ticket: Ticket | None = None
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def _metered(method: str, path: str) -> bool:
+    """Whether the request's cost comes back in its response, or it costs nothing."""
+    if path in USAGE_ENDPOINTS or method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+        return True
+    return path.startswith(_FREE_POSTS) or path.endswith("/cancel")
+
+
+class SpendControl:
+    """Rate limits, budgets and the ledger of one worker."""
+
+    def __init__(
+        self,
+        store: Store,
+        prices: PriceTable,
+        limiter: RateLimiter,
+        default_output_tokens: int,
+        on_spend: Callable[[UsageRecord], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.prices = prices
+        self.limiter = limiter
+        self.default_output = default_output_tokens
+        self.ledger = ledger.Ledger()
+        self.budgets = Budgets()
+        self._on_spend = on_spend
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._claimed_dry: dict[LeaseKey, float] = {}
+        self._wake = asyncio.Event()
+        self._closing = False
+
+    # --- the hot path ----------------------------------------------------------------
+
+    async def admit(
+        self,
+        tenant: TenantSnapshot,
+        principal: Principal,
+        record: UsageRecord,
+        counts: dict[str, Any] | None,
+        body_size: int,
+    ) -> Admission | None:
+        """Rate limits, then budgets, of a request about to go upstream; None if neither
+        policy sets any. Raises the 429/402/403 of a refusal."""
+        scoped = [
+            (budgets.scope_name("tenant", tenant.id), tenant.policy),
+            (budgets.scope_name("key", principal.key_id), principal.policy),
+        ]
+        limits = [Limit(scope, p.rpm, p.tpm) for scope, p in scoped if p and (p.rpm or p.tpm)]
+        budgeted = [(s, b) for s, p in scoped if p for b in p.budgets]
+        if not limits and not budgeted:
+            return None
+        admission = Admission()
+        path = record.path
+        if limits:
+            tokens = estimate_tokens(path, counts, body_size // 4, 0)
+            admission.ticket = await self.limiter.admit(limits, tokens)
+            if admission.ticket is not None:
+                admission.headers.extend(admission.ticket.headers)
+        if budgeted:
+            estimate = self._estimate(record, counts, body_size)
+            try:
+                await self._hold(admission, budgeted, tenant.id, estimate, record)
+            except BaseException:
+                self.finish(admission, record, refused=True)
+                raise
+        return admission
+
+    def _estimate(
+        self, record: UsageRecord, counts: dict[str, Any] | None, size: int
+    ) -> int | None:
+        """The most a request may cost, in nanos; None if it cannot be priced."""
+        if not _metered(record.method, record.path):
+            return None
+        if record.path not in USAGE_ENDPOINTS:
+            return 0
+        tokens = estimate_tokens(record.path, counts, size, self.default_output)
+        return self.prices.estimate_nanos(record.model, tokens)
+
+    async def _hold(
+        self,
+        admission: Admission,
+        scoped: list[tuple[str, Any]],
+        tenant_id: str,
+        estimate: int | None,
+        record: UsageRecord,
+    ) -> None:
+        today = datetime.now(UTC).date()
+        for scope, budget in scoped:
+            key, lease = self.budgets.lease(scope, budget, tenant_id, today)
+            if not budget.hard:
+                if lease.spent >= budget.limit_nanos:
+                    what = "daily" if budget.period == "day" else "monthly"
+                    warning = f"{scope} {what} soft budget ${budget.limit_usd:,.2f} exceeded"
+                    admission.headers.append((WARNING_HEADER, warning.encode()))
+                continue
+            if estimate is None:
+                if not _metered(record.method, record.path):
+                    raise ModelNotPriced(
+                        f"{record.method} {record.path} starts work whose cost the proxy cannot "
+                        "meter, so it is refused while a hard budget is set.",
+                        code="endpoint_not_metered",
+                    )
+                raise ModelNotPriced(
+                    f"The model {record.model!r} has no price in the proxy's price table, so its "
+                    "cost cannot be held against the hard budget. Add it under prices.models "
+                    "in config.yaml, or use a priced model."
+                )
+            held = await self._take(key, lease, estimate)
+            admission.holds.append(Hold(key, held))
+
+    async def _take(self, key: LeaseKey, lease: Lease, estimate: int) -> int:
+        """Hold `estimate` (or, for the last request that fits, what is left) on a lease."""
+        if lease.available < estimate or lease.available <= 0:
+            async with lease.lock:
+                if lease.available < estimate or lease.available <= 0:
+                    await self._claim(key, lease, estimate)
+        available = lease.available
+        if available >= estimate and available > 0:
+            held = estimate
+        elif available > 0 and lease.exhausted:
+            held = available  # the last request that fits (the README's overshoot bound)
+        else:
+            raise budgets.exceeded(key, lease.budget)
+        lease.held += held
+        return held
+
+    async def _claim(self, key: LeaseKey, lease: Lease, estimate: int) -> None:
+        dry = self._claimed_dry.get(key)
+        if dry is not None and time.monotonic() - dry < CLAIM_PAUSE:
+            return
+        limit = lease.budget.limit_nanos
+        want = max(estimate - lease.available, limit // budgets.LEASE_SHARE, 1)
+
+        def work() -> tuple[int, int]:
+            with self.store.session() as s:
+                return budgets.claim(s, key, want, limit)
+
+        granted, spent = await self.store.run(work)
+        lease.granted += granted
+        lease.known_spent = spent
+        lease.exhausted = granted < want
+        if lease.exhausted:
+            self._claimed_dry[key] = time.monotonic()
+        else:
+            self._claimed_dry.pop(key, None)
+
+    def finish(
+        self, admission: Admission | None, record: UsageRecord, refused: bool = False
+    ) -> None:
+        """Settle what `admission` held with what the request cost; count it in the ledger."""
+        if not refused:
+            self.ledger.add(record, record.cost_nanos)
+            if record.api_key_id is not None:
+                self.ledger.touch(record.api_key_id)
+            if self._on_spend is not None:
+                self._on_spend(record)
+        if admission is None:
+            return
+        if admission.holds:
+            charges = [self.charge(hold.nanos, record, refused) for hold in admission.holds]
+            self.budgets.settle(admission.holds, charges)
+            admission.holds = []
+        ticket, admission.ticket = admission.ticket, None
+        if ticket is not None:
+            usage = record.usage
+            if refused or allowance.outcome(record) == "nothing":
+                tokens: int | None = 0
+            else:
+                tokens = usage.tokens if usage is not None else None
+            task = asyncio.ensure_future(self.limiter.settle(ticket, tokens))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def charge(self, held: int, record: UsageRecord, refused: bool = False) -> int:
+        """What a finished request costs a budget, in nanos (see the module docstring)."""
+        if refused:
+            return 0
+        outcome = allowance.outcome(record)
+        if outcome == "usage":
+            cost = record.cost_nanos
+            return held if cost is None else cost
+        return held if outcome == "reservation" else 0
+
+    # --- off the hot path ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Write the ledger and budgets every `FLUSH_SECONDS` until closed."""
+        while not self._closing:
+            try:
+                await asyncio.wait_for(self._wake.wait(), FLUSH_SECONDS)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self) -> None:
+        """One write of everything pending; on failure it stays pending (logged)."""
+        batch = self.ledger.take()
+        today = datetime.now(UTC).date()
+        ops = self.budgets.flush_ops(time.monotonic(), today)
+        if not batch and not ops:
+            return
+
+        def work() -> dict[LeaseKey, int]:
+            with self.store.session() as s:
+                ledger.write(s, batch)
+                spent = budgets.write(s, ops)
+                s.commit()
+                return spent
+
+        try:
+            spent = await self.store.run(work)
+        except Exception as exc:  # the database is away: keep everything for the next write
+            self.ledger.restore(batch)
+            self.budgets.apply(ops, {}, ok=False)
+            if not isinstance(exc, StoreUnavailable):
+                log.error(
+                    "usage ledger not written: %s (kept for the next write)", type(exc).__name__
+                )
+            return
+        self.budgets.apply(ops, spent, ok=True)
+
+    async def aclose(self) -> None:
+        """Settle what is pending, give every lease back, and write it all."""
+        self._closing = True
+        self._wake.set()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for lease in self.budgets.leases.values():
+            lease.last_active = 0.0  # idle: handed back by this last write
+        await self.flush()
+        await self.limiter.aclose()
