@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from admin import keys, tenants
+from admin import keys, tenants, usage
 from admin.auth import authorize
 from admin.openapi import openapi_schema
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError
@@ -109,6 +109,8 @@ def create_admin_app() -> Starlette:
             DELETE=tenants.revoke_api_key,
         ),
         _route(t + "/{tenant_id}/audit", GET=tenants.list_audit),
+        _route(t + "/{tenant_id}/usage", GET=usage.tenant_usage),
+        _route(f"{PREFIX}/usage", GET=usage.all_usage),
     ]
     return Starlette(
         routes=routes,

@@ -5,10 +5,28 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from admin.schemas import TENANT_ID_PATTERN, OpenAIKeyIn, TenantCreate, TenantUpdate
+from admin.schemas import (
+    TENANT_ID_PATTERN,
+    ApiKeyCreate,
+    ApiKeyUpdate,
+    OpenAIKeyIn,
+    TenantCreate,
+    TenantUpdate,
+)
+from proxy.policy import PolicyIn
 
 _TS = {"type": "string", "format": "date-time"}
 _NULLABLE_TS = {"anyOf": [_TS, {"type": "null"}]}
+
+
+_REF = "#/components/schemas/{model}"
+
+
+def _schema(model: Any) -> dict[str, Any]:
+    """A model's JSON schema, its nested models referenced as components of their own."""
+    schema: dict[str, Any] = model.model_json_schema(ref_template=_REF)
+    schema.pop("$defs", None)
+    return schema
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -64,8 +82,78 @@ def openapi_schema() -> dict[str, Any]:
             "created_at": _TS,
             "updated_at": _TS,
             "openai_key": _ref("OpenAIKeyStatus"),
+            "policy": _ref("PolicyIn"),
         },
     }
+    api_key: dict[str, Any] = {
+        "type": "object",
+        "required": ["id", "name", "created_at", "expires_at", "last_used_at", "policy"],
+        "properties": {
+            "id": {"type": "string"},
+            "name": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "created_at": _TS,
+            "expires_at": _NULLABLE_TS,
+            "last_used_at": _NULLABLE_TS,
+            "policy": _ref("PolicyIn"),
+        },
+    }
+    counters = {
+        "requests": {"type": "integer"},
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+        "cost_usd": {"type": "number"},
+        "unpriced_requests": {"type": "integer"},
+    }
+    nullable_str = {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    usage_report = {
+        "type": "object",
+        "required": ["data", "total", "from", "to"],
+        "properties": {
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "tenant_id": {"type": "string"},
+                        "day": {"type": "string", "format": "date"},
+                        "model": nullable_str,
+                        "api_key_id": nullable_str,
+                        **counters,
+                    },
+                },
+            },
+            "total": {"type": "object", "properties": counters},
+            "from": {"type": "string", "format": "date"},
+            "to": {"type": "string", "format": "date"},
+            "trial_allowance": {
+                "type": "object",
+                "properties": {
+                    "day": {"type": "string", "format": "date"},
+                    "requests_used": {"type": "integer"},
+                    "requests_left": {"type": "integer"},
+                    "tokens_used": {"type": "integer"},
+                    "tokens_left": {"type": "integer"},
+                },
+            },
+        },
+    }
+    usage_params = [
+        {
+            "name": n,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "format": "date"},
+        }
+        for n in ("from", "to")
+    ] + [
+        {
+            "name": "group_by",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string", "enum": ["day", "model", "api_key"]},
+        }
+    ]
     key_status = {
         "type": "object",
         "required": ["status", "hint", "validated_at", "updated_at"],
@@ -94,19 +182,20 @@ def openapi_schema() -> dict[str, Any]:
     }
     created = {
         "type": "object",
-        "required": ["id", "name", "tier", "api_key", "created_at"],
+        "required": ["id", "name", "tier", "api_key", "api_key_id", "created_at"],
         "properties": {
             "id": {"type": "string"},
             "name": {"type": "string"},
             "tier": {"type": "string"},
             "api_key": {"type": "string"},
+            "api_key_id": {"type": "string"},
             "created_at": _TS,
         },
     }
     issued = {
         "type": "object",
-        "required": ["id", "api_key", "created_at"],
-        "properties": {"id": {"type": "string"}, "api_key": {"type": "string"}, "created_at": _TS},
+        "required": [*api_key["required"], "api_key"],
+        "properties": {**api_key["properties"], "api_key": {"type": "string"}},
     }
     key_set = {
         "type": "object",
@@ -166,8 +255,15 @@ def openapi_schema() -> dict[str, Any]:
                 "OpenAIKeySet": key_set,
                 "AuditEvent": event,
                 "TenantCreate": TenantCreate.model_json_schema(),
-                "TenantUpdate": TenantUpdate.model_json_schema(),
+                "TenantUpdate": _schema(TenantUpdate),
                 "OpenAIKeyIn": openai_key_in,
+                "ApiKey": api_key,
+                "ApiKeyCreate": _schema(ApiKeyCreate),
+                "ApiKeyUpdate": _schema(ApiKeyUpdate),
+                "PolicyIn": _schema(PolicyIn),
+                "BudgetIn": PolicyIn.model_json_schema()["$defs"]["BudgetIn"],
+                "RateLimitsIn": PolicyIn.model_json_schema()["$defs"]["RateLimitsIn"],
+                "UsageReport": usage_report,
             },
         },
         "security": [{"bearer": []}],
@@ -225,12 +321,48 @@ def openapi_schema() -> dict[str, Any]:
             },
             t + "/{tenant_id}/api-keys": {
                 "post": _op(
-                    "Issue another proxy key",
-                    {**ok(_ref("ApiKeyIssued"), "201", "Created"), **_ADMIN_ONLY, **_NOT_FOUND},
+                    "Issue another proxy key (body optional: name, expires_at, policy)",
+                    {
+                        **ok(_ref("ApiKeyIssued"), "201", "Created"),
+                        **_ADMIN_ONLY,
+                        **_NOT_FOUND,
+                        **_BODY_ERRORS,
+                    },
+                    "ApiKeyCreate",
+                    [_TENANT_ID],
+                ),
+                "get": _op(
+                    "The tenant's proxy keys that are not revoked (never a secret)",
+                    {**ok(listing("ApiKey")), **_ADMIN_ONLY, **_NOT_FOUND},
                     params=[_TENANT_ID],
                 ),
             },
+            t + "/{tenant_id}/usage": {
+                "get": _op(
+                    "Usage and cost from the ledger (self)",
+                    {
+                        **ok(_ref("UsageReport")),
+                        **_AUTH_ERRORS,
+                        **_NOT_FOUND,
+                        "422": _error("Bad from/to/group_by"),
+                    },
+                    params=[_TENANT_ID, *usage_params],
+                ),
+            },
+            "/api/v1/usage": {
+                "get": _op(
+                    "Usage and cost of every tenant, from the ledger",
+                    {**ok(_ref("UsageReport")), **_ADMIN_ONLY, "422": _error("Bad query")},
+                    params=usage_params,
+                ),
+            },
             t + "/{tenant_id}/api-keys/{key_id}": {
+                "patch": _op(
+                    "Change a proxy key's name, expiry or policy",
+                    {**ok(_ref("ApiKey")), **_ADMIN_ONLY, **_NOT_FOUND, **_BODY_ERRORS},
+                    "ApiKeyUpdate",
+                    [_TENANT_ID, key_id],
+                ),
                 "delete": _op(
                     "Revoke a proxy key",
                     {**gone, **_ADMIN_ONLY, **_NOT_FOUND},

@@ -298,7 +298,7 @@ def load_config(
     server = _section(raw, "server", {"shutdown_timeout_seconds"})
     database = _database_config(_section(raw, "database", set(DatabaseConfig.__dataclass_fields__)))
     rate_limits = _rate_limit_config(
-        _section(raw, "rate_limits", {"fail", "redis_timeout_seconds"}), env
+        _section(raw, "rate_limits", {"fail", "redis_timeout_seconds", "key_prefix"}), env
     )
 
     allow_insecure = _typed(up.get("allow_insecure", False), bool, "upstream.allow_insecure")
@@ -420,7 +420,10 @@ def _rate_limit_config(section: Mapping[str, Any], env: Mapping[str, str]) -> Ra
     timeout = _typed(
         section.get("redis_timeout_seconds", 0.25), float, "rate_limits.redis_timeout_seconds"
     )
-    return RateLimitConfig(redis_url=url, fail_open=fail == "open", redis_timeout=timeout)
+    prefix = _typed(section.get("key_prefix", "byok:rl:"), str, "rate_limits.key_prefix")
+    return RateLimitConfig(
+        redis_url=url, fail_open=fail == "open", redis_timeout=timeout, key_prefix=prefix
+    )
 
 
 def _database_config(section: Mapping[str, Any]) -> DatabaseConfig:

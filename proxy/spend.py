@@ -150,6 +150,7 @@ class SpendControl:
                     what = "daily" if budget.period == "day" else "monthly"
                     warning = f"{scope} {what} soft budget ${budget.limit_usd:,.2f} exceeded"
                     admission.headers.append((WARNING_HEADER, warning.encode()))
+                admission.holds.append(Hold(key, 0))  # nothing held; settling counts the cost
                 continue
             if estimate is None:
                 if not _metered(record.method, record.path):
@@ -185,6 +186,7 @@ class SpendControl:
     async def _claim(self, key: LeaseKey, lease: Lease, estimate: int) -> None:
         dry = self._claimed_dry.get(key)
         if dry is not None and time.monotonic() - dry < CLAIM_PAUSE:
+            lease.exhausted = True  # the database had nothing left a moment ago
             return
         limit = lease.budget.limit_nanos
         want = max(estimate - lease.available, limit // budgets.LEASE_SHARE, 1)

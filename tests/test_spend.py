@@ -1,0 +1,254 @@
+"""Spend control end to end: cost on usage lines, the usage API, budgets, rate limits,
+model allow-lists and key expiry, with the real proxy, the fake OpenAI and the SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from stack import Stack
+
+from proxy.prices import load_prices
+
+ROOT = Path(__file__).resolve().parent.parent
+_PRICES = yaml.safe_load((ROOT / "config.yaml").read_text())["prices"]
+_PRICES["models"]["pause"] = dict(_PRICES["models"]["gpt-4o-mini"])  # the fake's slow model
+PRICES_YAML = yaml.safe_dump({"prices": _PRICES})
+TABLE = load_prices(yaml.safe_load(PRICES_YAML)["prices"])
+
+
+@pytest.fixture
+def spend_stack(tmp_path: Path, master_key: str) -> Any:
+    with Stack.sqlite(tmp_path, master_key, yaml=PRICES_YAML) as s:
+        yield s
+
+
+def _expected(model: str, prompt: int, completion: int) -> float:
+    price = TABLE.lookup(model)
+    assert price is not None and price.input is not None
+    return (prompt * price.input + completion * (price.output or 0)) / 1e6
+
+
+def _policy(stack: Stack, tid: str, policy: dict[str, Any], key_id: str | None = None) -> None:
+    path = f"/api/v1/tenants/{tid}" + (f"/api-keys/{key_id}" if key_id else "")
+    r = stack.admin.patch(path, json={"policy": policy})
+    assert r.status_code == 200, r.text
+    assert r.json()["policy"]["allowed_models"] == policy.get("allowed_models")
+
+
+def _key_id(stack: Stack, tid: str) -> str:
+    keys = stack.admin.get(f"/api/v1/tenants/{tid}/api-keys").json()["data"]
+    assert len(keys) == 1 and "api_key" not in keys[0] and "key_hash" not in keys[0]
+    return str(keys[0]["id"])
+
+
+def test_cost_and_key_id_on_every_kind_of_call(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    key_id = _key_id(spend_stack, "acme")
+    sdk = spend_stack.sdk(key)
+    sdk.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    for _ in sdk.chat.completions.create(
+        model="gpt-4o-mini-2024-07-18", messages=[{"role": "user", "content": "hi"}], stream=True
+    ):
+        pass
+    sdk.responses.create(model="gpt-4.1", input="hi")
+    sdk.embeddings.create(model="text-embedding-3-small", input="hi")
+    sdk.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    lines = spend_stack.usage(5)
+    by_model = {line["model"]: line for line in lines}
+    assert all(line["api_key_id"] == key_id for line in lines)
+    for model, line in by_model.items():
+        if model == "no-such-model":
+            assert line["cost_usd"] is None  # unknown: never a guess
+            continue
+        family = "gpt-4o-mini" if model.startswith("gpt-4o-mini") else model
+        expected = _expected(family, line["prompt_tokens"], line["completion_tokens"] or 0)
+        assert line["cost_usd"] == pytest.approx(expected, rel=1e-9, abs=1e-12), model
+        assert line["cost_usd"] > 0
+
+
+def test_usage_api_totals_equal_the_usage_log(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    other = spend_stack.tenant("other")
+    sdk = spend_stack.sdk(key)
+    for model in ("gpt-4o-mini", "gpt-4o-mini", "gpt-4.1"):
+        sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+    spend_stack.sdk(other).embeddings.create(model="text-embedding-3-small", input="x")
+    with pytest.raises(openai.AuthenticationError):
+        spend_stack.sdk("byok-wrong").models.list()
+    lines = spend_stack.usage(5)
+    mine = [x for x in lines if x["tenant_id"] == "acme"]
+    deadline = time.monotonic() + 20
+    while True:  # the ledger is written every second
+        report = spend_stack.admin.get("/api/v1/tenants/acme/usage?group_by=model").json()
+        if report["total"]["requests"] == len(mine) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    total = report["total"]
+    assert total["requests"] == len(mine) == 3
+    assert total["prompt_tokens"] == sum(x["prompt_tokens"] for x in mine)
+    assert total["completion_tokens"] == sum(x["completion_tokens"] for x in mine)
+    assert total["cost_usd"] == pytest.approx(sum(x["cost_usd"] for x in mine), abs=1e-9)
+    assert {row["model"] for row in report["data"]} == {"gpt-4o-mini", "gpt-4.1"}
+    # The tenant's own key sees its own usage, and another tenant's is a 404.
+    own = spend_stack.admin.get(
+        "/api/v1/tenants/acme/usage", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert own.status_code == 200 and own.json()["total"]["requests"] == 3
+    theirs = spend_stack.admin.get(
+        "/api/v1/tenants/other/usage", headers={"Authorization": f"Bearer {key}"}
+    )
+    assert theirs.status_code == 404
+    everyone = spend_stack.admin.get("/api/v1/usage?group_by=day").json()
+    assert {row["tenant_id"] for row in everyone["data"]} == {"acme", "other"}
+    bad = spend_stack.admin.get("/api/v1/usage?from=yesterday")
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "from"
+
+
+def test_model_allow_list_refuses_before_the_upstream(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    _policy(spend_stack, "acme", {"allowed_models": ["gpt-4o-mini", "gpt-4.1*"]})
+    sdk = spend_stack.sdk(key)
+    before = len(spend_stack.upstream.requests)
+    for model in ("gpt-4o", "o1", "gpt-4o-mini-evil"):
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
+        assert refused.value.code == "model_not_allowed"
+    with pytest.raises(openai.PermissionDeniedError):  # multipart: the form's model field
+        sdk.audio.transcriptions.create(model="whisper-1", file=("a.wav", io.BytesIO(b"RIFF")))
+    with pytest.raises(openai.PermissionDeniedError):  # a batch may run any model
+        sdk.batches.create(
+            input_file_id="file-1", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert len(spend_stack.upstream.requests) == before  # nothing reached the upstream
+    sdk.chat.completions.create(model="GPT-4o-mini", messages=[{"role": "user", "content": "x"}])
+    sdk.chat.completions.create(model="gpt-4.1-nano", messages=[{"role": "user", "content": "x"}])
+    assert len(spend_stack.upstream.requests) == before + 2
+
+
+def test_a_keys_own_allow_list_and_expiry(spend_stack: Stack) -> None:
+    spend_stack.tenant("acme")
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    r = spend_stack.admin.post(
+        "/api/v1/tenants/acme/api-keys",
+        json={"name": "ci", "policy": {"allowed_models": ["gpt-4.1"]}},
+    )
+    assert r.status_code == 201 and r.json()["name"] == "ci"
+    scoped = r.json()["api_key"]
+    with pytest.raises(openai.PermissionDeniedError):
+        spend_stack.sdk(scoped).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+    r = spend_stack.admin.post("/api/v1/tenants/acme/api-keys", json={"expires_at": past})
+    assert r.status_code == 201
+    with pytest.raises(openai.AuthenticationError) as expired:
+        spend_stack.sdk(r.json()["api_key"]).models.list()
+    assert expired.value.code == "proxy_key_expired"
+    unknown = spend_stack.admin.post("/api/v1/tenants/acme/api-keys", json={"nmae": "typo"})
+    assert unknown.status_code == 422
+    events = spend_stack.admin.get("/api/v1/tenants/acme/audit").json()["data"]
+    assert [e["action"] for e in events].count("api_key.issued") == 3
+
+
+def test_hard_budget_refuses_with_402_and_bounded_overshoot(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    limit = 0.00002  # about three and a half requests of 11 + 7 gpt-4o-mini tokens
+    _policy(spend_stack, "acme", {"budgets": [{"period": "day", "limit_usd": limit}]})
+    sdk = spend_stack.sdk(key)
+    made = 0
+    with pytest.raises(openai.APIStatusError) as refused:
+        for _ in range(20):
+            sdk.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}], max_tokens=10
+            )
+            made += 1
+    assert refused.value.status_code == 402 and refused.value.code == "budget_exceeded"
+    assert (
+        "daily budget of tenant acme" in refused.value.message
+        and "resets at" in refused.value.message
+    )
+    chats = [r for r in spend_stack.upstream.requests if r.path == "/v1/chat/completions"]
+    assert len(chats) == made >= 3  # the refusal made no upstream call
+    spent = sum(x["cost_usd"] or 0 for x in spend_stack.usage(made + 1))
+    one = _expected("gpt-4o-mini", 11, 7)
+    assert limit - one < spent <= limit + one  # used up, and over by less than one request
+
+
+async def test_concurrent_requests_overshoot_no_more_than_the_bound(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    limit = 0.0001  # about 17 requests
+    _policy(spend_stack, "acme", {"budgets": [{"period": "day", "limit_usd": limit}]})
+    client = spend_stack.async_sdk(key)
+
+    async def one() -> int:
+        try:
+            await client.chat.completions.create(
+                model="pause", messages=[{"role": "user", "content": "hi"}], max_tokens=10
+            )
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    statuses = await asyncio.gather(*(one() for _ in range(50)))
+    await client.close()
+    assert set(statuses) == {200, 402}
+    lines = spend_stack.usage(50)
+    spent = sum(x["cost_usd"] or 0 for x in lines)
+    # README bound: one request's estimate per worker (body under 200 bytes + max_tokens,
+    # at gpt-4o-mini's dearest rate); here one worker.
+    estimate = (200 + 10) * 0.60 / 1e6
+    # (Requests in flight hold their estimates, so under this much concurrency most are
+    # refused early; the bound is on the other side.)
+    assert 0 < spent <= limit + estimate
+    assert statuses.count(200) == sum(1 for x in lines if x["status"] == 200)
+
+
+def test_soft_budget_warns_audits_and_lets_calls_through(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    _policy(
+        spend_stack,
+        "acme",
+        {"budgets": [{"period": "month", "limit_usd": 0.000001, "hard": False}]},
+    )
+    sdk = spend_stack.sdk(key)
+    warned = None
+    for _ in range(3):
+        raw = sdk.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert raw.status_code == 200
+        warned = raw.headers.get("x-byok-budget-warning") or warned
+    assert warned is not None and "soft budget" in warned
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        events = spend_stack.admin.get("/api/v1/tenants/acme/audit").json()["data"]
+        crossed = [e for e in events if e["action"] == "budget.soft_exceeded"]
+        if crossed:
+            break
+        time.sleep(0.1)
+    assert len(crossed) == 1 and crossed[0]["actor"] == "system"
+
+
+def test_rpm_limit_answers_429_in_openais_shape(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    _policy(spend_stack, "acme", {"rate_limits": {"rpm": 2}})
+    sdk = spend_stack.sdk(key)
+    for _ in range(2):
+        sdk.models.list()
+    with pytest.raises(openai.RateLimitError) as limited:
+        sdk.models.list()
+    headers = limited.value.response.headers
+    assert limited.value.code == "rate_limit_exceeded"
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert headers["x-ratelimit-reset-requests"].endswith("s")
+    lines = spend_stack.usage(3)
+    assert lines[-1]["status"] == 429 and lines[-1]["error_code"] == "rate_limit_exceeded"
