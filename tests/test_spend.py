@@ -252,3 +252,97 @@ def test_rpm_limit_answers_429_in_openais_shape(spend_stack: Stack) -> None:
     assert headers["x-ratelimit-reset-requests"].endswith("s")
     lines = spend_stack.usage(3)
     assert lines[-1]["status"] == 429 and lines[-1]["error_code"] == "rate_limit_exceeded"
+
+
+def _redis_yaml(prefix: str, fail: str = "open") -> str:
+    return PRICES_YAML + f"rate_limits:\n  key_prefix: '{prefix}'\n  fail: {fail}\n"
+
+
+def _shared_redis_or_skip() -> str:
+    import os
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the machine's Redis (127.0.0.1:6379) is required in CI")
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    return "redis://127.0.0.1:6379/0"
+
+
+def _alternate(s: Stack, key: str, count: int) -> int:
+    """`count` requests alternating between two replicas; how many were admitted."""
+    ok = 0
+    for i in range(count):
+        try:
+            s.sdk(key, replica=i % 2).models.list()
+            ok += 1
+        except openai.RateLimitError:
+            pass
+    return ok
+
+
+def test_two_replicas_share_one_limit_through_redis(tmp_path: Path, master_key: str) -> None:
+    import uuid
+
+    import redis
+
+    url = _shared_redis_or_skip()
+    prefix = f"byok-test:{uuid.uuid4().hex}:"
+    try:
+        with Stack.sqlite(tmp_path, master_key, yaml=_redis_yaml(prefix), REDIS_URL=url) as s:
+            s.add_replica()
+            for attempt in range(3):  # a fresh tenant if the run straddled a minute boundary
+                key = s.tenant(f"acme{attempt}")
+                _policy(s, f"acme{attempt}", {"rate_limits": {"rpm": 5}})
+                window = int(time.time() // 60)
+                ok = _alternate(s, key, 12)
+                if int(time.time() // 60) == window:
+                    break
+            assert ok == 5  # one limit between the two, not five each
+    finally:
+        client = redis.Redis.from_url(url)
+        for name in client.scan_iter(match=prefix + "*"):
+            client.delete(name)
+        client.close()
+
+
+def test_redis_stopped_mid_run_changes_nothing_under_fail_open(
+    tmp_path: Path, master_key: str
+) -> None:
+    import shutil
+
+    from servers import free_port
+    from test_ratelimit import RedisServer
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(free_port())
+    asyncio.run(server.start())
+    try:
+        yaml_text = _redis_yaml("byok-test-own:")
+        with Stack.sqlite(tmp_path, master_key, yaml=yaml_text, REDIS_URL=server.url) as s:
+            key = s.tenant("acme")
+            _policy(s, "acme", {"rate_limits": {"rpm": 1000, "tpm": 10_000_000}})
+            sdk = s.sdk(key)
+            for _ in range(3):
+                sdk.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
+            server.kill()  # our own redis-server, by its PID
+            for _ in range(5):
+                sdk.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+                )
+            metrics = httpx_get(s.url + "/metrics")
+            assert "byok_rate_limiter_redis_up 0.0" in metrics
+            assert all(x["status"] == 200 for x in s.usage(8))
+    finally:
+        server.kill()
+
+
+def httpx_get(url: str) -> str:
+    import httpx
+
+    return httpx.get(url, timeout=10).text
