@@ -44,6 +44,14 @@ from proxy.security import generate_master_key
 ADMIN_TOKEN = "adm-" + "b" * 40
 TENANT_KEY = "sk-bench-" + "k" * 40
 CHAT_BODY = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Say hello"}]}'
+# The benchmark tenant's policy in the "with spend control" run (SPEC section 9): limits
+# high enough never to refuse, so every request pays for the checks.
+POLICY = {
+    "budgets": [{"period": "day", "limit_usd": 1_000_000.0, "hard": True}],
+    "rate_limits": {"rpm": 10_000_000, "tpm": 10_000_000_000},
+    "allowed_models": ["gpt-4o-mini*", "gpt-4.1*"],
+}
+
 LUA = f"""wrk.method = "POST"
 wrk.body = '{CHAT_BODY.decode()}'
 wrk.headers["Content-Type"] = "application/json"
@@ -101,8 +109,11 @@ class Processes:
         wait_up(url + "/v1/models")
         return url
 
-    def start_proxy(self, upstream: str, name: str) -> tuple[str, int, str]:
-        """A fresh `byok-proxy serve` with a tenant; returns (url, pid, proxy key)."""
+    def start_proxy(
+        self, upstream: str, name: str, policy: dict[str, Any] | None = None
+    ) -> tuple[str, int, str]:
+        """A fresh `byok-proxy serve` with a tenant (under `policy`, if given); returns
+        (url, pid, proxy key)."""
         port = free_port()
         folder = self.work / name
         folder.mkdir()
@@ -136,6 +147,9 @@ class Processes:
             url + "/api/v1/tenants/bench/openai-key", headers=admin, json={"api_key": TENANT_KEY}
         )
         r.raise_for_status()
+        if policy is not None:
+            r = httpx.patch(url + "/api/v1/tenants/bench", headers=admin, json={"policy": policy})
+            r.raise_for_status()
         return url, proc.pid, key
 
     def stop(self) -> None:
@@ -256,13 +270,17 @@ def run(quick: bool) -> dict[str, Any]:
     try:
         upstream = procs.start_upstream()
         proxy, pid, key = procs.start_proxy(upstream, "proxy")
+        policed, policed_pid, policed_key = procs.start_proxy(upstream, "policed", POLICY)
         for _ in range(2):  # warm up both paths (connections, caches, JIT-free but page-ins)
             wrk(upstream, None, 8, 1, script)
             wrk(proxy, key, 8, 1, script)
+            wrk(policed, policed_key, 8, 1, script)
 
         c1: dict[str, list[dict[str, float]]] = {"direct": [], "proxy": []}
         c64: dict[str, list[dict[str, float]]] = {"direct": [], "proxy": []}
         cpu_per_request: list[float] = []
+        policed_cpu: list[float] = []
+        policed_errors = 0
         for _ in range(rounds):
             c1["direct"].append(wrk(upstream, None, 1, seconds, script))
             c1["proxy"].append(wrk(proxy, key, 1, seconds, script))
@@ -271,6 +289,12 @@ def run(quick: bool) -> dict[str, Any]:
             result = wrk(proxy, key, 64, seconds, script)
             cpu_per_request.append((cpu_seconds(pid) - before) * 1000 / (result["rps"] * seconds))
             c64["proxy"].append(result)
+            before = cpu_seconds(policed_pid)
+            result = wrk(policed, policed_key, 64, seconds, script)
+            policed_cpu.append(
+                (cpu_seconds(policed_pid) - before) * 1000 / (result["rps"] * seconds)
+            )
+            policed_errors += result["errors"]
 
         stream_runs: dict[str, list[dict[str, Any]]] = {"direct": [], "proxy": []}
         cpu_per_stream: list[float] = []
@@ -323,6 +347,8 @@ def run(quick: bool) -> dict[str, Any]:
             "proxy_rps": med(c64["proxy"], "rps"),
             "proxy_cpu_ms_per_request": median(cpu_per_request),
             "errors": sum(r["errors"] for r in c64["proxy"]),
+            "policed_cpu_ms_per_request": median(policed_cpu),
+            "policed_errors": policed_errors,
         },
         "streams": {
             "count": n_streams,
@@ -382,6 +408,13 @@ def table(r: dict[str, Any]) -> str:
             "",
         ),
         ("proxy CPU ms/request c=64", None, c64["proxy_cpu_ms_per_request"], "", "<= 0.15 ms"),
+        (
+            "  with budget + rate limit + allow-list",
+            None,
+            c64["policed_cpu_ms_per_request"],
+            f"x{c64['policed_cpu_ms_per_request'] / c64['proxy_cpu_ms_per_request']:.2f}",
+            "<= x1.15",
+        ),
         (
             f"{s['count']} streams: first chunk p50 (ms)",
             s["direct_first_p50_ms"],

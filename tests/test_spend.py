@@ -30,6 +30,13 @@ def spend_stack(tmp_path: Path, master_key: str) -> Any:
         yield s
 
 
+@pytest.fixture
+def budget_stack(tmp_path: Path, master_key: str, database_url: str) -> Any:
+    """The stack on SQLite and on PostgreSQL (budgets are counted in the database)."""
+    with Stack(tmp_path, database_url, master_key, yaml=PRICES_YAML) as s:
+        yield s
+
+
 def _expected(model: str, prompt: int, completion: int) -> float:
     price = TABLE.lookup(model)
     assert price is not None and price.input is not None
@@ -157,11 +164,11 @@ def test_a_keys_own_allow_list_and_expiry(spend_stack: Stack) -> None:
     assert [e["action"] for e in events].count("api_key.issued") == 3
 
 
-def test_hard_budget_refuses_with_402_and_bounded_overshoot(spend_stack: Stack) -> None:
-    key = spend_stack.tenant("acme")
+def test_hard_budget_refuses_with_402_and_bounded_overshoot(budget_stack: Stack) -> None:
+    key = budget_stack.tenant("acme")
     limit = 0.00002  # about three and a half requests of 11 + 7 gpt-4o-mini tokens
-    _policy(spend_stack, "acme", {"budgets": [{"period": "day", "limit_usd": limit}]})
-    sdk = spend_stack.sdk(key)
+    _policy(budget_stack, "acme", {"budgets": [{"period": "day", "limit_usd": limit}]})
+    sdk = budget_stack.sdk(key)
     made = 0
     with pytest.raises(openai.APIStatusError) as refused:
         for _ in range(20):
@@ -174,18 +181,18 @@ def test_hard_budget_refuses_with_402_and_bounded_overshoot(spend_stack: Stack) 
         "daily budget of tenant acme" in refused.value.message
         and "resets at" in refused.value.message
     )
-    chats = [r for r in spend_stack.upstream.requests if r.path == "/v1/chat/completions"]
+    chats = [r for r in budget_stack.upstream.requests if r.path == "/v1/chat/completions"]
     assert len(chats) == made >= 3  # the refusal made no upstream call
-    spent = sum(x["cost_usd"] or 0 for x in spend_stack.usage(made + 1))
+    spent = sum(x["cost_usd"] or 0 for x in budget_stack.usage(made + 1))
     one = _expected("gpt-4o-mini", 11, 7)
     assert limit - one < spent <= limit + one  # used up, and over by less than one request
 
 
-async def test_concurrent_requests_overshoot_no_more_than_the_bound(spend_stack: Stack) -> None:
-    key = spend_stack.tenant("acme")
+async def test_concurrent_requests_overshoot_no_more_than_the_bound(budget_stack: Stack) -> None:
+    key = budget_stack.tenant("acme")
     limit = 0.0001  # about 17 requests
-    _policy(spend_stack, "acme", {"budgets": [{"period": "day", "limit_usd": limit}]})
-    client = spend_stack.async_sdk(key)
+    _policy(budget_stack, "acme", {"budgets": [{"period": "day", "limit_usd": limit}]})
+    client = budget_stack.async_sdk(key)
 
     async def one() -> int:
         try:
@@ -199,7 +206,7 @@ async def test_concurrent_requests_overshoot_no_more_than_the_bound(spend_stack:
     statuses = await asyncio.gather(*(one() for _ in range(50)))
     await client.close()
     assert set(statuses) == {200, 402}
-    lines = spend_stack.usage(50)
+    lines = budget_stack.usage(50)
     spent = sum(x["cost_usd"] or 0 for x in lines)
     # README bound: one request's estimate per worker (body under 200 bytes + max_tokens,
     # at gpt-4o-mini's dearest rate); here one worker.
