@@ -7,9 +7,18 @@ built here, and the public tenant never carries the ciphertext.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictStr, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 from starlette.requests import Request
 
 from proxy.errors import BadRequest, RequestTooLarge, ValidationFailed
@@ -49,6 +58,13 @@ class ApiKeyCreate(_Body):
     name: StrictStr | None = Field(default=None, min_length=1, max_length=200, pattern=_NAME)
     expires_at: AwareDatetime | None = Field(default=None, strict=False)  # RFC 3339, with zone
     policy: PolicyIn | None = None
+
+    @field_validator("expires_at")
+    @classmethod
+    def _sane_year(cls, value: datetime | None) -> datetime | None:
+        if value is not None and not 2000 <= value.year <= 9000:
+            raise ValueError("must be a date between the years 2000 and 9000")
+        return value
 
 
 class ApiKeyUpdate(ApiKeyCreate):

@@ -48,6 +48,15 @@ class Batch:
         return bool(self.rows or self.used)
 
 
+def _model_key(model: str | None) -> str:
+    """The ledger's name for a model: lower case (as priced), printable ASCII only (a lone
+    surrogate or a NUL from a caller must never fail the shared write), 128 at most."""
+    if not model:
+        return ""
+    name = model.lower()[:128]
+    return name if name.isascii() and name.isprintable() else "other"
+
+
 class Ledger:
     """This worker's sums not yet written."""
 
@@ -61,7 +70,7 @@ class Ledger:
         if record.tenant_id is None:
             return
         day = datetime.fromtimestamp(record.ts, UTC).date()
-        key = (record.tenant_id, day, record.api_key_id or "", (record.model or "")[:128])
+        key = (record.tenant_id, day, record.api_key_id or "", _model_key(record.model))
         sums = self._pending.rows.get(key)
         if sums is None:
             if len(self._pending.rows) >= MAX_PENDING:
