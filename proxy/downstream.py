@@ -69,20 +69,26 @@ class DisconnectWatch:
             self._task.cancel()
 
 
+async def next_chunk(receive: Receive, size: int, limit: int) -> tuple[bytes, bool]:
+    """The body's next chunk, after `size` bytes already received, and whether more
+    follows; ClientGone on a disconnect, 413 past `limit`."""
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone()
+    chunk = message.get("body", b"")
+    if size + len(chunk) > limit:
+        raise too_large(limit)
+    return chunk, bool(message.get("more_body"))
+
+
 async def read_all(receive: Receive, first: bytes, limit: int) -> bytes:
     """The rest of a body whose first chunk was `first`, whole."""
-    chunks, size = [first], len(first)
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
+    chunks, size, more = [first], len(first), True
+    while more:
+        chunk, more = await next_chunk(receive, size, limit)
         size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
         chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
+    return b"".join(chunks)
 
 
 async def stream_body(

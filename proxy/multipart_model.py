@@ -33,7 +33,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import parse_options_header
 
 from proxy.asgi import Receive
-from proxy.downstream import ClientGone, too_large
+from proxy.downstream import next_chunk, too_large
 from proxy.errors import BadRequest
 
 if TYPE_CHECKING:
@@ -182,16 +182,10 @@ async def read_model_field(
             return parts.model(), chunks, more
         if not more or size >= SCAN_BYTES:
             break
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
+        chunk, more = await next_chunk(receive, size, limit)
         size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
         if chunk:
             chunks.append(chunk)
-        more = bool(message.get("more_body"))
     return None, chunks, more
 
 
