@@ -20,6 +20,14 @@ upper bound). Leases of a worker that crashed stay reserved until the period
 ends (at most `LEASE_SHARE` of the limit each): a budget errs on the
 tenant's side. Soft budgets are only counted: crossing one adds a header and,
 once per period, an audit event.
+
+A lease stops taking holds ("retires") when its period ends, when it has
+been idle for `IDLE_SECONDS`, or when its budget's limit is lowered; a fresh
+lease then claims under the new terms. A retired lease gives back only what
+no request in flight holds (`granted - held`), so a reservation in the
+database always covers every hold; it is dropped once its last request has
+settled and been written. Holds point at their lease, so a request's cost is
+never lost however long it runs.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ class Lease:
     flushing: int = 0  # settled here, being written
     known_spent: int = 0  # the database's spent_nanos when last seen
     exhausted: bool = False  # the last claim got less than it asked for
+    inflight: int = 0  # requests holding on it (soft budgets and 0-cost ones included)
     last_active: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -72,7 +81,10 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
+    """What one request holds on one lease (0 for a soft budget or a free request)."""
+
     key: LeaseKey
+    lease: Lease
     nanos: int
 
 
@@ -81,7 +93,7 @@ class Op:
     """One row's change in a write: spent += `spent`, reserved -= `released`."""
 
     key: LeaseKey
-    tenant_id: str
+    lease: Lease
     spent: int
     released: int
     soft_limit: int | None  # for the soft budget's crossing check
@@ -111,7 +123,8 @@ class Budgets:
     """This worker's leases, and the database calls that fill and settle them."""
 
     def __init__(self) -> None:
-        self.leases: dict[LeaseKey, Lease] = {}
+        self.leases: dict[LeaseKey, Lease] = {}  # the leases requests take holds on
+        self.retired: list[tuple[LeaseKey, Lease]] = []  # giving back; settling late holds
 
     def lease(
         self, scope: str, budget: Budget, tenant_id: str, today: date
@@ -121,43 +134,58 @@ class Budgets:
         if lease is None:
             lease = self.leases[key] = Lease(tenant_id, budget)
         elif lease.budget != budget:  # the policy changed: the new limit applies at once
-            lease.budget, lease.exhausted = budget, False
+            if budget.limit_nanos < lease.budget.limit_nanos or budget.hard != lease.budget.hard:
+                self._retire(key, lease)  # what it was granted may exceed the new limit
+                lease = self.leases[key] = Lease(tenant_id, budget)
+            else:
+                lease.budget, lease.exhausted = budget, False
         lease.last_active = time.monotonic()
         return key, lease
+
+    def _retire(self, key: LeaseKey, lease: Lease) -> None:
+        del self.leases[key]
+        self.retired.append((key, lease))
 
     def settle(self, holds: list[Hold], charges: list[int]) -> None:
         """Turn each hold into what its request cost."""
         for hold, cost in zip(holds, charges, strict=True):
-            lease = self.leases.get(hold.key)
-            if lease is not None:
-                lease.held -= hold.nanos
-                lease.used += cost
-                if cost < hold.nanos:
-                    lease.exhausted = False  # something came back: claim again next time
+            lease = hold.lease
+            lease.held -= hold.nanos
+            lease.inflight -= 1
+            lease.used += cost
+            if cost < hold.nanos:
+                lease.exhausted = False  # something came back: claim again next time
 
     def flush_ops(self, now: float, today: date) -> list[Op]:
-        """What to write now: settled spend, and idle or ended leases given back."""
-        ops = []
+        """What to write now: settled spend, and what retired leases give back."""
         for key, lease in list(self.leases.items()):
-            spent, lease.flushing, lease.used = lease.used, lease.used, 0
-            released = min(spent, lease.granted)
             over = key[2] != period_start(key[1], today)
-            idle = now - lease.last_active > IDLE_SECONDS and lease.held == 0
-            if over or idle:
-                released = lease.granted  # what is left of the lease goes back too
-            if spent or released:
-                soft = None if lease.budget.hard else lease.budget.limit_nanos
-                ops.append(Op(key, lease.tenant_id, spent, released, soft))
-            elif idle:
-                del self.leases[key]
+            if over or (now - lease.last_active > IDLE_SECONDS and lease.inflight == 0):
+                self._retire(key, lease)
+        ops = []
+        for key, lease in self.leases.items():
+            ops += self._op(key, lease, min(lease.used, lease.granted - lease.held))
+        keep = []
+        for key, lease in self.retired:
+            ops += self._op(key, lease, lease.granted - lease.held)
+            if lease.granted or lease.inflight or lease.used or lease.flushing:
+                keep.append((key, lease))
+        self.retired = keep
         return ops
+
+    @staticmethod
+    def _op(key: LeaseKey, lease: Lease, released: int) -> list[Op]:
+        spent, lease.flushing, lease.used = lease.used, lease.used, 0
+        released = max(0, released)
+        if not spent and not released:
+            return []
+        soft = None if lease.budget.hard else lease.budget.limit_nanos
+        return [Op(key, lease, spent, released, soft)]
 
     def apply(self, ops: list[Op], spent_now: dict[LeaseKey, int], ok: bool) -> None:
         """Account a write of `ops` (ok) or put its amounts back (failed)."""
         for op in ops:
-            lease = self.leases.get(op.key)
-            if lease is None:
-                continue
+            lease = op.lease
             lease.flushing -= op.spent
             if ok:
                 lease.granted -= op.released
@@ -228,5 +256,6 @@ def write(session: Session, ops: list[Op]) -> dict[LeaseKey, int]:
             ).rowcount  # type: ignore[attr-defined]
             if first:
                 hint = scope if scope.startswith("key:") else f"{period} budget"
-                audit.record(session, audit.SYSTEM, op.tenant_id, "budget.soft_exceeded", hint[:40])
+                tenant_id = op.lease.tenant_id
+                audit.record(session, audit.SYSTEM, tenant_id, "budget.soft_exceeded", hint[:40])
     return spent_now

@@ -43,7 +43,8 @@ from proxy.usage import UsageRecord
 log = logging.getLogger("byok.spend")
 
 FLUSH_SECONDS = 1.0
-CLAIM_PAUSE = 1.0  # seconds a dry budget is not asked again (a refused caller costs no write)
+CLAIM_PAUSE = 1.0  # seconds a dry or failed claim is not tried again (a refused caller costs
+# no database call)
 _FREE_POSTS = ("/v1/moderations", "/v1/files", "/v1/uploads")
 WARNING_HEADER = b"x-byok-budget-warning"
 
@@ -83,7 +84,7 @@ class SpendControl:
         self.budgets = Budgets()
         self._on_spend = on_spend
         self._tasks: set[asyncio.Task[None]] = set()
-        self._claimed_dry: dict[LeaseKey, float] = {}
+        self._paused: dict[LeaseKey, tuple[float, bool]] = {}  # last claim: when, failed?
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -150,9 +151,8 @@ class SpendControl:
                     what = "daily" if budget.period == "day" else "monthly"
                     warning = f"{scope} {what} soft budget ${budget.limit_usd:,.2f} exceeded"
                     admission.headers.append((WARNING_HEADER, warning.encode()))
-                admission.holds.append(Hold(key, 0))  # nothing held; settling counts the cost
-                continue
-            if estimate is None:
+                held = 0  # nothing held; settling counts the cost
+            elif estimate is None:
                 if not _metered(record.method, record.path):
                     raise ModelNotPriced(
                         f"{record.method} {record.path} starts work whose cost the proxy cannot "
@@ -164,17 +164,19 @@ class SpendControl:
                     "cost cannot be held against the hard budget. Add it under prices.models "
                     "in config.yaml, or use a priced model."
                 )
-            held = await self._take(key, lease, estimate)
-            admission.holds.append(Hold(key, held))
+            else:  # a request that costs nothing (a read) passes a used-up budget
+                held = await self._take(key, lease, estimate) if estimate else 0
+            lease.inflight += 1
+            admission.holds.append(Hold(key, lease, held))
 
     async def _take(self, key: LeaseKey, lease: Lease, estimate: int) -> int:
         """Hold `estimate` (or, for the last request that fits, what is left) on a lease."""
-        if lease.available < estimate or lease.available <= 0:
+        if lease.available < estimate:
             async with lease.lock:
-                if lease.available < estimate or lease.available <= 0:
+                if lease.available < estimate:
                     await self._claim(key, lease, estimate)
         available = lease.available
-        if available >= estimate and available > 0:
+        if available >= estimate:
             held = estimate
         elif available > 0 and lease.exhausted:
             held = available  # the last request that fits (the README's overshoot bound)
@@ -184,8 +186,10 @@ class SpendControl:
         return held
 
     async def _claim(self, key: LeaseKey, lease: Lease, estimate: int) -> None:
-        dry = self._claimed_dry.get(key)
-        if dry is not None and time.monotonic() - dry < CLAIM_PAUSE:
+        paused = self._paused.get(key)
+        if paused is not None and time.monotonic() - paused[0] < CLAIM_PAUSE:
+            if paused[1]:  # the database failed a moment ago: no pile-up of waiting claims
+                raise StoreUnavailable()
             lease.exhausted = True  # the database had nothing left a moment ago
             return
         limit = lease.budget.limit_nanos
@@ -195,14 +199,18 @@ class SpendControl:
             with self.store.session() as s:
                 return budgets.claim(s, key, want, limit)
 
-        granted, spent = await self.store.run(work)
+        try:
+            granted, spent = await self.store.run(work)
+        except Exception:
+            self._paused[key] = (time.monotonic(), True)
+            raise
         lease.granted += granted
         lease.known_spent = spent
         lease.exhausted = granted < want
         if lease.exhausted:
-            self._claimed_dry[key] = time.monotonic()
+            self._paused[key] = (time.monotonic(), False)
         else:
-            self._claimed_dry.pop(key, None)
+            self._paused.pop(key, None)
 
     def finish(
         self, admission: Admission | None, record: UsageRecord, refused: bool = False
@@ -257,7 +265,10 @@ class SpendControl:
         """One write of everything pending; on failure it stays pending (logged)."""
         batch = self.ledger.take()
         today = datetime.now(UTC).date()
-        ops = self.budgets.flush_ops(time.monotonic(), today)
+        now = time.monotonic()
+        ops = self.budgets.flush_ops(now, today)
+        if self._paused:
+            self._paused = {k: v for k, v in self._paused.items() if now - v[0] < CLAIM_PAUSE}
         if not batch and not ops:
             return
 
@@ -287,6 +298,6 @@ class SpendControl:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for lease in self.budgets.leases.values():
-            lease.last_active = 0.0  # idle: handed back by this last write
+            lease.last_active = float("-inf")  # idle: handed back by this last write
         await self.flush()
         await self.limiter.aclose()
