@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
+from proxy import routes
 from proxy.errors import ModelNotAllowed
 
 _MODEL_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,126}\*?$")
@@ -113,21 +114,76 @@ def restricts_models(*policies: Policy | None) -> bool:
     return any(p is not None and p.allowed is not None for p in policies)
 
 
+# POST routes that run no model, so they pass an allow-list without naming one. Any other
+# POST (or PUT/PATCH) under an allow-list must name its model where the proxy can read it
+# (JSON `model`, a multipart `model` field, or the query string): an unreadable body, a
+# model nested inside it, or one implied by an assistant is refused, never waved through.
+_MODEL_FREE_POSTS = frozenset(
+    {
+        "/v1/chat/completions/{id}",
+        "/v1/moderations",
+        "/v1/responses/{id}/cancel",
+        "/v1/conversations",
+        "/v1/conversations/{id}",
+        "/v1/conversations/{id}/items",
+        "/v1/files",
+        "/v1/uploads",
+        "/v1/uploads/{id}/parts",
+        "/v1/uploads/{id}/complete",
+        "/v1/uploads/{id}/cancel",
+        "/v1/batches/{id}/cancel",
+        "/v1/fine_tuning/jobs/{id}/cancel",
+        "/v1/fine_tuning/jobs/{id}/pause",
+        "/v1/fine_tuning/jobs/{id}/resume",
+        "/v1/vector_stores",
+        "/v1/vector_stores/{id}",
+        "/v1/vector_stores/{id}/search",
+        "/v1/vector_stores/{id}/files",
+        "/v1/vector_stores/{id}/files/{id}",
+        "/v1/vector_stores/{id}/file_batches",
+        "/v1/vector_stores/{id}/file_batches/{id}/cancel",
+        "/v1/assistants/{id}",
+        "/v1/threads",
+        "/v1/threads/{id}",
+        "/v1/threads/{id}/messages",
+        "/v1/threads/{id}/messages/{id}",
+        "/v1/threads/{id}/runs/{id}",
+        "/v1/threads/{id}/runs/{id}/cancel",
+        "/v1/threads/{id}/runs/{id}/submit_tool_outputs",
+        "/v1/containers",
+        "/v1/containers/{id}/files",
+        "/v1/evals",
+        "/v1/evals/{id}",
+    }
+)
+
+
 def check_model(
     policies: tuple[Policy | None, ...], model: str | None, method: str, path: str
 ) -> None:
     """Raise 403 `model_not_allowed` unless every policy allows the request's model.
 
-    A request that names no model passes (reads, files), except a batch: its
-    input file may name any model, so a key with an allow-list cannot start one.
+    A request that names no model passes only if it runs none: a read, a delete,
+    or a POST in `_MODEL_FREE_POSTS`. A batch is refused whatever it names (its
+    input file may name any model).
     """
     if model is None:
-        if method == "POST" and path.rstrip("/") == "/v1/batches":
+        if method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            return
+        route = routes.template(path)
+        if route == "/v1/batches":
             raise ModelNotAllowed(
                 "Batches may run any model, so they are refused for a tenant or key with an "
                 "allowed_models list."
             )
-        return
+        if route in _MODEL_FREE_POSTS:
+            return
+        raise ModelNotAllowed(
+            f"This tenant or proxy key may only use the models on its allowed_models list, "
+            f"and the proxy could not read which model {method} {path[:200]} runs. Name it in "
+            "the request's top-level `model` field (JSON, or a multipart form field).",
+            param="model",
+        )
     for p in policies:
         if p is not None and not p.allows(model):
             shown = model if len(model) <= 128 else model[:128] + "..."

@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -138,6 +139,72 @@ def test_model_allow_list_refuses_before_the_upstream(spend_stack: Stack) -> Non
     sdk.chat.completions.create(model="GPT-4o-mini", messages=[{"role": "user", "content": "x"}])
     sdk.chat.completions.create(model="gpt-4.1-nano", messages=[{"role": "user", "content": "x"}])
     assert len(spend_stack.upstream.requests) == before + 2
+
+
+_BOUNDARY = "b0undary"
+_WAV = b"RIFF" + b"\0" * 64
+_NO_MODEL_READABLE = [
+    # (path, content type, body): each runs a model the proxy cannot read
+    ("/v1/chat/completions", "application/json", b'{"model": "gpt-4o", "messages": [}'),
+    ("/v1/chat/completions", "application/json", b'{"model": ["gpt-4o"], "messages": []}'),
+    ("/v1/images/generations", "application/json", b'{"prompt": "a cat"}'),
+    ("/v1/threads/runs", "application/json", b'{"assistant_id": "asst_1"}'),
+    ("/v1/evals/ev_1/runs", "application/json", b'{"data_source": {"model": "o3"}}'),
+    ("/v1/realtime/sessions", "application/json", b"{}"),
+    (
+        "/v1/audio/transcriptions",
+        f"multipart/form-data; boundary={_BOUNDARY}; charset=utf-16",
+        (
+            f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+            f"whisper-1\r\n--{_BOUNDARY}--\r\n"
+        ).encode(),
+    ),
+    (
+        "/v1/audio/transcriptions",
+        f"multipart/form-data; boundary={_BOUNDARY}",
+        (
+            f'--{_BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            f"\r\n{'x' * (2 << 20)}\r\n--{_BOUNDARY}\r\n"
+            f'Content-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n--{_BOUNDARY}--\r\n'
+        ).encode(),
+    ),
+]
+
+
+@pytest.mark.parametrize("path,content_type,body", _NO_MODEL_READABLE)
+def test_an_allow_list_refuses_what_it_cannot_read(
+    spend_stack: Stack, path: str, content_type: str, body: bytes
+) -> None:
+    key = spend_stack.tenant("acme")
+    _policy(spend_stack, "acme", {"allowed_models": ["gpt-4o-mini"]})
+    before = len(spend_stack.upstream.requests)
+    r = httpx.post(
+        spend_stack.url + path,
+        content=body,
+        headers={"Authorization": f"Bearer {key}", "Content-Type": content_type},
+        timeout=20,
+    )
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["code"] == "model_not_allowed"
+    assert len(spend_stack.upstream.requests) == before
+
+
+def test_an_allow_list_lets_model_free_calls_through(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    _policy(spend_stack, "acme", {"allowed_models": ["gpt-4o-mini"]})
+    sdk = spend_stack.sdk(key)
+    before = len(spend_stack.upstream.requests)
+    sdk.models.list()
+    sdk.files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="batch")
+    for path in ("/moderations", "/threads"):  # the fake answers these 404
+        with pytest.raises(openai.NotFoundError):
+            sdk.post(path, body={"input": "hello"}, cast_to=object)
+    assert [r.path for r in spend_stack.upstream.requests[before:]] == [
+        "/v1/models",
+        "/v1/files",
+        "/v1/moderations",
+        "/v1/threads",
+    ]
 
 
 def test_a_keys_own_allow_list_and_expiry(spend_stack: Stack) -> None:
