@@ -48,6 +48,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from proxy.estimate import standard_tier
 from proxy.multipart_model import read_model_field, refuse_second_model
 from proxy.request_json import (
     SMALL,
@@ -244,7 +245,7 @@ class Forwarder:
                 await send_error(send, ProxyError(), (rid_header,))
         finally:
             record.duration_ms = round((time.perf_counter() - record.started) * 1000, 3)
-            if record.usage is not None:
+            if record.usage is not None and record.table_priced:
                 record.cost_nanos = self.config.prices.cost_nanos(record.model, record.usage)
             self.spend.finish(admitted[0] if admitted else None, record)
             self.runtime.usage_log.write(record)
@@ -620,6 +621,8 @@ class Forwarder:
         record.model = fields.model if isinstance(fields.model, str) else None
         record.stream = fields.streams
         counts = request if request is not None else fields.counts
+        if "service_tier" in counts:
+            record.table_priced = standard_tier(counts)
         if record.stream and scope["method"] == "POST" and scope["path"] in _USAGE_PATHS:
             return (*ask_for_usage(body, fields), counts)
         return body, False, counts

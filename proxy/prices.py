@@ -43,6 +43,10 @@ _NANOS_PER_USD_PER_1M_TOKENS = 1000  # USD per 1M tokens → nano-USD per token
 _HALF = Fraction(1, 2)
 
 # Each price field and the unit it is given in (for error messages).
+# The most input tokens any OpenAI model reads (gpt-4.1's context window): what a hard
+# budget holds for a prompt the proxy cannot size from the body (`proxy.estimate`).
+MAX_INPUT_TOKENS = 1_047_576
+
 _UNITS = {
     "input": "USD per 1M tokens",
     "cached_input": "USD per 1M tokens",
@@ -107,10 +111,15 @@ class PriceTable:
     """The dated table of model prices, and the cost of a call from its usage."""
 
     def __init__(
-        self, models: Mapping[str, Price] | None = None, as_of: str = "", source: str = ""
+        self,
+        models: Mapping[str, Price] | None = None,
+        as_of: str = "",
+        source: str = "",
+        max_input_tokens: int = MAX_INPUT_TOKENS,
     ) -> None:
         self.as_of = as_of
         self.source = source
+        self.max_input_tokens = max_input_tokens
         self.models: Mapping[str, Price] = MappingProxyType(
             {_normalise(name): price for name, price in (models or {}).items()}
         )
@@ -170,6 +179,16 @@ class PriceTable:
             return None
         return math.ceil(max(tokens, 0) * max(rates.input, rates.output))
 
+    def bound_nanos(self, model: str | None, prompt_tokens: int, output_tokens: int) -> int | None:
+        """An upper bound, before the call, of what a call can cost when its prompt is at
+        most `prompt_tokens` and its output at most `output_tokens` (uncached prices,
+        rounded up); None when the model has no token price."""
+        name = self._name(model)
+        rates = None if name is None else self._rates[name]
+        if rates is None:
+            return None
+        return math.ceil(max(prompt_tokens, 0) * rates.input + max(output_tokens, 0) * rates.output)
+
 
 def usd(nanos: int | None) -> float | None:
     """Nano-USD as USD (the one conversion used for usage lines and the API)."""
@@ -184,11 +203,17 @@ def load_prices(section: Mapping[str, Any] | None) -> PriceTable:
         return PriceTable()
     if not isinstance(section, Mapping):
         raise ConfigError("config.yaml: 'prices' must be a mapping (as_of, source, models)")
-    unknown = set(section) - {"as_of", "source", "models"}
+    unknown = set(section) - {"as_of", "source", "models", "max_input_tokens"}
     if unknown:
         raise ConfigError(
             f"config.yaml: unknown setting(s) {sorted(map(str, unknown))} under 'prices' "
-            "(allowed: as_of, source, models)"
+            "(allowed: as_of, source, models, max_input_tokens)"
+        )
+    max_input = section.get("max_input_tokens", MAX_INPUT_TOKENS)
+    if isinstance(max_input, bool) or not isinstance(max_input, int) or max_input < 1:
+        raise ConfigError(
+            "config.yaml: prices.max_input_tokens must be a whole number of tokens >= 1 "
+            "(the largest context window among the models your tenants use)"
         )
     as_of = _as_of(section.get("as_of"))
     source = section.get("source")
@@ -215,7 +240,7 @@ def load_prices(section: Mapping[str, Any] | None) -> PriceTable:
                 f"config.yaml: prices.models.{name} is listed twice (names ignore case)"
             )
         table[name] = _price(name, entry)
-    return PriceTable(table, as_of=as_of, source=source.strip())
+    return PriceTable(table, as_of=as_of, source=source.strip(), max_input_tokens=max_input)
 
 
 def _as_of(value: Any) -> str:

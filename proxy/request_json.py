@@ -34,10 +34,20 @@ _ABSENT = object()
 _USAGE = '"include_usage":true'
 
 
-# Top-level fields a cost estimate reads (`proxy.platform.estimate_tokens`).
+# Top-level fields a cost estimate reads (`proxy.platform.estimate_tokens`, `proxy.estimate`).
 COUNT_FIELDS = frozenset(
-    {"max_completion_tokens", "max_tokens", "max_output_tokens", "n", "best_of"}
+    {"max_completion_tokens", "max_tokens", "max_output_tokens", "n", "best_of", "service_tier"}
 )
+_PLAIN_TOOLS = ("function", "custom")
+_MAX_TOOLS = 16  # hosted tools kept of a big body (one is enough to refuse it)
+
+
+def _note_tool(counts: dict[str, Any], kind: Any) -> None:
+    """Keep a big body's hosted tool types in `counts["tools"]`, as a small body has them."""
+    if isinstance(kind, str) and kind not in _PLAIN_TOOLS:
+        tools = counts.setdefault("tools", [])
+        if len(tools) < _MAX_TOOLS:
+            tools.append({"type": kind[:64]})
 
 
 @dataclass(slots=True)
@@ -100,6 +110,8 @@ async def read_large(body: bytes) -> Fields | None:
                     if depth == 1 and top_key == "stream_options":
                         options = {} if event == "start_map" else None
                         fields.options = options if options is not None else []
+                    elif depth == 1 and top_key == "web_search_options":
+                        fields.counts[top_key] = True
                     depth += 1
                 elif event in ("end_map", "end_array"):
                     depth -= 1
@@ -107,6 +119,8 @@ async def read_large(body: bytes) -> Fields | None:
                     if depth == 1:
                         top_key, inner_key = value, None
                     elif depth == 2 and top_key == "stream_options":
+                        inner_key = value
+                    elif depth == 3 and top_key == "tools":
                         inner_key = value
                 elif depth == 1:  # a scalar value of a top-level key
                     if top_key == "model":
@@ -119,6 +133,8 @@ async def read_large(body: bytes) -> Fields | None:
                         fields.counts[top_key] = value
                 elif depth == 2 and options is not None and inner_key == "include_usage":
                     options["include_usage"] = value
+                elif depth == 3 and top_key == "tools" and inner_key == "type":
+                    _note_tool(fields.counts, value)
             del events[:]
             await asyncio.sleep(0)
         parser.close()

@@ -16,9 +16,10 @@ estimate, as the trial allowance does (`proxy.allowance.outcome`).
 With a hard budget, only what the proxy can price is admitted: a model
 missing from the price table is refused (403 `model_not_priced`), and so are
 endpoints that start work whose cost never comes back in a response
-(batches, fine-tuning, assistants runs, images, audio, realtime: 403
-`endpoint_not_metered`). Reads, deletes, file uploads and moderations cost
-nothing and pass.
+(batches, fine-tuning, assistants runs, images, audio, realtime) and calls
+with extras no usage reports (hosted tools, priority tiers; `proxy.estimate`):
+403 `endpoint_not_metered`. Reads, deletes, file uploads and moderations cost
+nothing and pass, even when the budget is used up.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any
 from proxy import allowance, budgets, ledger
 from proxy.budgets import Budgets, Hold, Lease, LeaseKey
 from proxy.errors import ModelNotPriced, StoreUnavailable
+from proxy.estimate import hold_nanos, unmetered
 from proxy.platform import USAGE_ENDPOINTS, estimate_tokens
 from proxy.prices import PriceTable
 from proxy.ratelimit import Limit, RateLimiter, Ticket
@@ -126,21 +128,38 @@ class SpendControl:
 
     def _estimate(
         self, record: UsageRecord, counts: dict[str, Any] | None, size: int
-    ) -> int | None:
-        """The most a request may cost, in nanos; None if it cannot be priced."""
-        if not _metered(record.method, record.path):
-            return None
-        if record.path not in USAGE_ENDPOINTS:
+    ) -> int | ModelNotPriced:
+        """The most a request may cost, in nanos (`proxy.estimate`), or the 403 a hard
+        budget answers when that cannot be known."""
+        method, path = record.method, record.path
+        extra = None
+        if path in USAGE_ENDPOINTS:
+            extra = unmetered(counts)
+            if extra is None:
+                nanos = hold_nanos(
+                    self.prices, path, record.model, counts, size, self.default_output
+                )
+                if nanos is not None:
+                    return nanos
+                return ModelNotPriced(
+                    f"The model {record.model!r} has no price in the proxy's price table, so its "
+                    "cost cannot be held against the hard budget. Add it under prices.models "
+                    "in config.yaml, or use a priced model."
+                )
+        elif _metered(method, path):
             return 0
-        tokens = estimate_tokens(record.path, counts, size, self.default_output)
-        return self.prices.estimate_nanos(record.model, tokens)
+        return ModelNotPriced(
+            f"{method} {path[:200]} starts work whose cost the proxy cannot meter"
+            f"{f' ({extra})' if extra else ''}, so it is refused while a hard budget is set.",
+            code="endpoint_not_metered",
+        )
 
     async def _hold(
         self,
         admission: Admission,
         scoped: list[tuple[str, Any]],
         tenant_id: str,
-        estimate: int | None,
+        estimate: int | ModelNotPriced,
         record: UsageRecord,
     ) -> None:
         today = datetime.now(UTC).date()
@@ -152,18 +171,8 @@ class SpendControl:
                     warning = f"{scope} {what} soft budget ${budget.limit_usd:,.2f} exceeded"
                     admission.headers.append((WARNING_HEADER, warning.encode()))
                 held = 0  # nothing held; settling counts the cost
-            elif estimate is None:
-                if not _metered(record.method, record.path):
-                    raise ModelNotPriced(
-                        f"{record.method} {record.path} starts work whose cost the proxy cannot "
-                        "meter, so it is refused while a hard budget is set.",
-                        code="endpoint_not_metered",
-                    )
-                raise ModelNotPriced(
-                    f"The model {record.model!r} has no price in the proxy's price table, so its "
-                    "cost cannot be held against the hard budget. Add it under prices.models "
-                    "in config.yaml, or use a priced model."
-                )
+            elif isinstance(estimate, ModelNotPriced):
+                raise estimate
             else:  # a request that costs nothing (a read) passes a used-up budget
                 held = await self._take(key, lease, estimate) if estimate else 0
             lease.inflight += 1

@@ -45,6 +45,7 @@ class UsageRecord:
     client_disconnected: bool = False
     api_key_id: str | None = None
     cost_nanos: int | None = None  # 1e-9 USD, from `proxy.prices`
+    table_priced: bool = True  # False: a service tier the price table does not cover
 
     def line(self) -> bytes:
         """The JSON line (with newline); hand-assembled, it runs once per request."""

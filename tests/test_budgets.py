@@ -199,3 +199,22 @@ async def test_a_failed_claim_pauses_claims(spend: SpendControl) -> None:
         with pytest.raises(StoreUnavailable):
             await admit(spend, snap, chat())
     assert calls == 1
+
+
+async def test_input_the_body_does_not_show_is_held_at_the_context_window(
+    spend: SpendControl,
+) -> None:
+    snap = tenant({"period": "day", "limit_usd": 0.01})
+    image = {
+        "max_tokens": MAX_TOKENS,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+    }
+    record = chat()
+    admission = await spend.admit(snap, KEY, record, image, BODY)
+    assert admission is not None
+    # gpt-4o-mini at the table's max_input_tokens is far over $0.01: everything is held
+    assert admission.holds[0].nanos == 10_000_000
+    with pytest.raises(BudgetExceeded):  # so a request beside it finds nothing left
+        await admit(spend, snap, chat())
+    finish_with_cost(spend, admission, record, 3_000)
+    await admit(spend, snap, chat())  # what the image request did not use came back

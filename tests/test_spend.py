@@ -284,6 +284,31 @@ async def test_concurrent_requests_overshoot_no_more_than_the_bound(budget_stack
     assert statuses.count(200) == sum(1 for x in lines if x["status"] == 200)
 
 
+def test_a_hard_budget_refuses_what_it_cannot_meter(spend_stack: Stack) -> None:
+    key = spend_stack.tenant("acme")
+    sdk = spend_stack.sdk(key)
+    hi = [{"role": "user", "content": "hi"}]
+    sdk.chat.completions.create(model="gpt-4o-mini", messages=hi, service_tier="flex")
+    assert spend_stack.usage(1)[0]["cost_usd"] is None  # flex is not priced in the table
+    _policy(spend_stack, "acme", {"budgets": [{"period": "day", "limit_usd": 10.0}]})
+    before = len(spend_stack.upstream.requests)
+    for extra in (
+        {"service_tier": "priority"},
+        {"tools": [{"type": "function", "function": {"name": "f"}}, {"type": "web_search"}]},
+        {"web_search_options": {}},
+    ):
+        with pytest.raises(openai.PermissionDeniedError) as refused:
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=hi, extra_body=extra)
+        assert refused.value.code == "endpoint_not_metered"
+    with pytest.raises(openai.PermissionDeniedError):
+        sdk.responses.create(model="gpt-4o-mini", input="hi", tools=[{"type": "file_search"}])  # type: ignore[list-item]
+    assert len(spend_stack.upstream.requests) == before
+    sdk.chat.completions.create(model="gpt-4o-mini", messages=hi, tools=[])
+    lines = spend_stack.usage(6)
+    assert [x["status"] for x in lines] == [200, 403, 403, 403, 403, 200]
+    assert lines[-1]["cost_usd"] is not None and len(spend_stack.upstream.requests) == before + 1
+
+
 def test_soft_budget_warns_audits_and_lets_calls_through(spend_stack: Stack) -> None:
     key = spend_stack.tenant("acme")
     _policy(

@@ -1,0 +1,89 @@
+"""The most a request may cost before it runs: what a hard budget holds (`proxy.spend`).
+
+Prompt: the body's size in bytes (a token is at least one byte of text), unless
+the request carries input the proxy cannot size from its body (`unseen_input`):
+an image, a file, a previous response, a conversation, a stored prompt, or a
+body over 1 MiB (read in pieces, never whole). Then it is the price table's
+`max_input_tokens`: no model reads more than its context window.
+Output: the request's own limit times its choices, else `default_output_tokens`
+(`proxy.platform.estimate_tokens`; the README's bound assumes the model stops
+there).
+
+Some requests cost more than their tokens, by amounts no response reports
+(`unmetered`): hosted tools billed per call (web search, file search, code
+interpreter, image generation, computer use) and service tiers priced apart
+from the table (`priority`, `scale`). A hard budget refuses them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from proxy.platform import USAGE_ENDPOINTS, estimate_tokens
+from proxy.prices import PriceTable
+from proxy.request_json import SMALL
+
+# Content parts and keys whose tokens the body's size does not bound.
+_UNSEEN_TYPES = frozenset(
+    {"image_url", "input_image", "input_file", "file", "item_reference", "image_generation_call"}
+)
+_UNSEEN_KEYS = frozenset({"file_id", "image_url", "file_url", "previous_response_id"})
+_TOP_UNSEEN = frozenset({"previous_response_id", "conversation"})
+_FEE_TOOLS = ("web_search", "file_search", "code_interpreter", "image_generation", "computer_use")
+_STANDARD_TIERS = (None, "auto", "default", "flex")  # flex costs less than the table: a bound
+
+
+def unseen_input(request: dict[str, Any] | None, size: int) -> bool:
+    """Whether the request's prompt may hold more tokens than its body has bytes."""
+    if size > SMALL or request is None:
+        return size > SMALL
+    if not _TOP_UNSEEN.isdisjoint(request) or isinstance(request.get("prompt"), dict):
+        return True
+    stack: list[Any] = [request.get("messages"), request.get("input"), request.get("prompt")]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if value.get("type") in _UNSEEN_TYPES or not _UNSEEN_KEYS.isdisjoint(value):
+                return True
+            stack.extend(v for v in value.values() if isinstance(v, dict | list))
+        elif isinstance(value, list):
+            stack.extend(v for v in value if isinstance(v, dict | list))
+    return False
+
+
+def unmetered(request: dict[str, Any] | None) -> str | None:
+    """What makes the request cost more than its tokens, if anything (a short phrase)."""
+    if request is None:
+        return None
+    tier = request.get("service_tier")
+    if tier not in _STANDARD_TIERS:
+        return f"service_tier {str(tier)[:32]!r} (its prices are not in the table)"
+    if request.get("web_search_options") is not None:
+        return "web search (billed per call)"
+    tools = request.get("tools")
+    if isinstance(tools, list):
+        for tool in tools:
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if isinstance(kind, str) and kind.startswith(_FEE_TOOLS):
+                return f"the hosted tool {kind[:40]!r} (billed per call or session)"
+    return None
+
+
+def standard_tier(request: dict[str, Any] | None) -> bool:
+    """Whether the table's prices are what the call costs (no tier priced apart)."""
+    return request is None or request.get("service_tier") in (None, "auto", "default")
+
+
+def hold_nanos(
+    prices: PriceTable,
+    path: str,
+    model: str | None,
+    request: dict[str, Any] | None,
+    size: int,
+    default_output: int,
+) -> int | None:
+    """The most a call to one of `USAGE_ENDPOINTS` may cost, in nanos; None if unpriced."""
+    assert path in USAGE_ENDPOINTS
+    prompt = prices.max_input_tokens if unseen_input(request, size) else size
+    output = estimate_tokens(path, request, 0, default_output)
+    return prices.bound_nanos(model, max(prompt, size), output)
