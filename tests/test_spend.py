@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 import yaml
+from servers import until
 from stack import Stack
 
 from proxy.prices import load_prices
@@ -445,3 +446,29 @@ def httpx_get(url: str) -> str:
     import httpx
 
     return httpx.get(url, timeout=10).text
+
+
+def test_deleting_a_tenant_does_not_reset_its_budget_or_history(spend_stack: Stack) -> None:
+    """The money was spent: a tenant deleted and re-created under its id within the
+    period is still over its budget, and the ledger keeps its lines (README)."""
+    hi = [{"role": "user", "content": "hi"}]
+    key = spend_stack.tenant("acme")
+    _policy(spend_stack, "acme", {"budgets": [{"period": "day", "limit_usd": 0.00002}]})
+    sdk = spend_stack.sdk(key)
+    with pytest.raises(openai.APIStatusError) as refused:
+        for _ in range(20):
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=hi)
+    assert refused.value.code == "budget_exceeded"
+    made = len(spend_stack.usage(1)) - 1
+
+    def ledger_requests() -> int:
+        return int(spend_stack.admin.get("/api/v1/usage").json()["total"]["requests"])
+
+    until(lambda: ledger_requests() == made + 1, 10, "the ledger write")
+    assert spend_stack.admin.delete("/api/v1/tenants/acme").status_code == 204
+    key = spend_stack.tenant("acme")
+    _policy(spend_stack, "acme", {"budgets": [{"period": "day", "limit_usd": 0.00002}]})
+    with pytest.raises(openai.APIStatusError) as again:
+        spend_stack.sdk(key).chat.completions.create(model="gpt-4o-mini", messages=hi)
+    assert again.value.code == "budget_exceeded"
+    assert ledger_requests() >= made + 1
