@@ -48,7 +48,15 @@ import uvicorn
 from servers import free_port
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+CACHED_TOKENS = 8  # of the prompt, when the request names a `prompt_cache_key`
 STREAM_CHUNKS = 5
+
+
+def _usage_for(request: dict[str, Any]) -> dict[str, Any]:
+    """Chat usage as OpenAI reports it; a `prompt_cache_key` gets a prompt-cache hit."""
+    if not request.get("prompt_cache_key"):
+        return USAGE
+    return {**USAGE, "prompt_tokens_details": {"cached_tokens": CACHED_TOKENS, "audio_tokens": 0}}
 
 
 _BOMB: list[bytes] = []
@@ -325,7 +333,7 @@ class FakeOpenAI:
                             "logprobs": None,
                         }
                     ],
-                    "usage": USAGE,
+                    "usage": _usage_for(request),
                 },
             )
         if path == "/embeddings":
@@ -346,8 +354,8 @@ class FakeOpenAI:
             )
         if path == "/responses":
             if request.get("stream"):
-                return await self._responses_stream(send, headers, model)
-            answer = self._response_object(model)
+                return await self._responses_stream(send, headers, model, request)
+            answer = self._response_object(model, request)
             if request.get("store") is not False:  # OpenAI stores responses by default
                 answer["id"] = f"resp_{len(self.stored) + 1}"
                 self.stored[answer["id"]] = key
@@ -441,7 +449,7 @@ class FakeOpenAI:
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod
-    def _response_object(model: str | None) -> dict[str, Any]:
+    def _response_object(model: str | None, request: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": "resp_1",
             "object": "response",
@@ -464,7 +472,9 @@ class FakeOpenAI:
                 "input_tokens": 9,
                 "output_tokens": 4,
                 "total_tokens": 13,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {
+                    "cached_tokens": CACHED_TOKENS if request.get("prompt_cache_key") else 0
+                },
                 "output_tokens_details": {"reasoning_tokens": 0},
             },
         }
@@ -531,7 +541,7 @@ class FakeOpenAI:
                 "created": 1,
                 "model": model,
                 "choices": [],
-                "usage": USAGE,
+                "usage": _usage_for(request),
             }
             await emit(
                 b"data: " + json.dumps(usage_chunk, separators=(",", ":")).encode() + b"\n\n"
@@ -598,7 +608,11 @@ class FakeOpenAI:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _responses_stream(
-        self, send: Any, headers: list[tuple[bytes, bytes]], model: str | None
+        self,
+        send: Any,
+        headers: list[tuple[bytes, bytes]],
+        model: str | None,
+        request: dict[str, Any],
     ) -> None:
         await send(
             {
@@ -607,7 +621,7 @@ class FakeOpenAI:
                 "headers": [(b"content-type", b"text/event-stream"), *headers],
             }
         )
-        final = self._response_object(model)
+        final = self._response_object(model, request)
         if model == "huge":  # an image in the final event: one 3 MiB event
             final["output"].append(
                 {"type": "image_generation_call", "id": "ig_1", "result": "A" * (3 * 1024 * 1024)}

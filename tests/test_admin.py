@@ -413,7 +413,15 @@ async def test_issue_and_revoke_proxy_keys(client: httpx.AsyncClient) -> None:
     r = await client.post("/api/v1/tenants/acme/api-keys", headers=ADMIN)
     assert r.status_code == 201
     issued = r.json()
-    assert set(issued) == {"id", "api_key", "created_at", "name", "expires_at", "last_used_at", "policy"}
+    assert set(issued) == {
+        "id",
+        "api_key",
+        "created_at",
+        "name",
+        "expires_at",
+        "last_used_at",
+        "policy",
+    }
     assert issued["api_key"] != first
     assert (
         await client.get("/api/v1/tenants/acme", headers=bearer(issued["api_key"]))

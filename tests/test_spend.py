@@ -83,6 +83,32 @@ def test_cost_and_key_id_on_every_kind_of_call(spend_stack: Stack) -> None:
         assert line["cost_usd"] > 0
 
 
+def test_cached_input_is_priced_at_the_cached_rate(spend_stack: Stack) -> None:
+    """Prompt-cache hits (the fake reports 8 of the prompt cached when the request names a
+    prompt_cache_key) cost the cached-input price: plain, streamed and Responses calls."""
+    sdk = spend_stack.sdk(spend_stack.tenant("acme"))
+    hi = [{"role": "user", "content": "hi"}]
+    sdk.chat.completions.create(model="gpt-4o-mini", messages=hi, prompt_cache_key="k")
+    for _ in sdk.chat.completions.create(
+        model="gpt-4o-mini", messages=hi, prompt_cache_key="k", stream=True
+    ):
+        pass
+    sdk.responses.create(model="gpt-4.1", input="hi", prompt_cache_key="k")
+    for line in spend_stack.usage(3):
+        price = TABLE.lookup(line["model"])
+        assert price is not None and price.input and price.cached_input and price.output
+        cached, uncached = 8, line["prompt_tokens"] - 8
+        expected = (
+            uncached * price.input
+            + cached * price.cached_input
+            + line["completion_tokens"] * price.output
+        ) / 1e6
+        assert line["cost_usd"] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        assert line["cost_usd"] < _expected(
+            line["model"], line["prompt_tokens"], line["completion_tokens"]
+        )
+
+
 def test_usage_api_totals_equal_the_usage_log(spend_stack: Stack) -> None:
     key = spend_stack.tenant("acme")
     other = spend_stack.tenant("other")
