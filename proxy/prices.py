@@ -46,6 +46,7 @@ _HALF = Fraction(1, 2)
 # The most input tokens any OpenAI model reads (gpt-4.1's context window): what a hard
 # budget holds for a prompt the proxy cannot size from the body (`proxy.estimate`).
 MAX_INPUT_TOKENS = 1_047_576
+_MAX_NAMES = 4096  # model strings remembered by the table's lookup
 
 _UNITS = {
     "input": "USD per 1M tokens",
@@ -124,12 +125,33 @@ class PriceTable:
             {_normalise(name): price for name, price in (models or {}).items()}
         )
         self._rates = {name: _rates(price) for name, price in self.models.items()}
+        # Whole nanos per token, rounded up: bounds in integer arithmetic (hot path).
+        self._ceilings = {
+            name: (math.ceil(rates.input), math.ceil(rates.output))
+            for name, rates in self._rates.items()
+            if rates is not None
+        }
+        self._names: dict[str, str | None] = {}  # model as sent -> table entry (bounded)
 
     def __repr__(self) -> str:
         return f"PriceTable({len(self.models)} models, as_of={self.as_of!r})"
 
     def _name(self, model: str | None) -> str | None:
         """The table entry `model` is priced as: itself, else its snapshot's family."""
+        if model is None:
+            return None
+        try:
+            return self._names[model]
+        except KeyError:
+            pass
+        found = self._entry(model)
+        if len(model) <= 128:  # a caller's model string: kept only if short
+            if len(self._names) >= _MAX_NAMES:
+                self._names.clear()
+            self._names[model] = found
+        return found
+
+    def _entry(self, model: str) -> str | None:
         name = _normalise(model)
         if not name:
             return None
@@ -182,12 +204,12 @@ class PriceTable:
     def bound_nanos(self, model: str | None, prompt_tokens: int, output_tokens: int) -> int | None:
         """An upper bound, before the call, of what a call can cost when its prompt is at
         most `prompt_tokens` and its output at most `output_tokens` (uncached prices,
-        rounded up); None when the model has no token price."""
+        rounded up to whole nanos per token); None when the model has no token price."""
         name = self._name(model)
-        rates = None if name is None else self._rates[name]
-        if rates is None:
+        ceilings = None if name is None else self._ceilings.get(name)
+        if ceilings is None:
             return None
-        return math.ceil(max(prompt_tokens, 0) * rates.input + max(output_tokens, 0) * rates.output)
+        return max(prompt_tokens, 0) * ceilings[0] + max(output_tokens, 0) * ceilings[1]
 
 
 def usd(nanos: int | None) -> float | None:

@@ -37,6 +37,7 @@ from proxy.budgets import Budgets, Hold, Lease, LeaseKey
 from proxy.errors import ModelNotPriced, StoreUnavailable
 from proxy.estimate import hold_nanos, unmetered
 from proxy.platform import USAGE_ENDPOINTS, estimate_tokens
+from proxy.policy import Budget
 from proxy.prices import PriceTable
 from proxy.ratelimit import Limit, RateLimiter, Ticket
 from proxy.store import Principal, Store, TenantSnapshot
@@ -49,6 +50,15 @@ CLAIM_PAUSE = 1.0  # seconds a dry or failed claim is not tried again (a refused
 # no database call)
 _FREE_POSTS = ("/v1/moderations", "/v1/files", "/v1/uploads")
 WARNING_HEADER = b"x-byok-budget-warning"
+_MAX_PLANS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    tenant: TenantSnapshot
+    principal: Principal
+    limits: tuple[Limit, ...]
+    budgets: tuple[tuple[str, Budget], ...]
 
 
 @dataclass(slots=True)
@@ -87,10 +97,33 @@ class SpendControl:
         self._on_spend = on_spend
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: dict[LeaseKey, tuple[float, bool]] = {}  # last claim: when, failed?
+        self._plans: dict[tuple[int, int], _Plan] = {}
         self._wake = asyncio.Event()
         self._closing = False
 
     # --- the hot path ----------------------------------------------------------------
+
+    def _plan(self, tenant: TenantSnapshot, principal: Principal) -> _Plan:
+        """The limits and budgets a tenant and key are under, built once per cache load
+        (the snapshots are replaced when a policy changes)."""
+        key = (id(tenant), id(principal))
+        plan = self._plans.get(key)
+        if plan is not None and plan.tenant is tenant and plan.principal is principal:
+            return plan
+        scoped = [
+            (budgets.scope_name("tenant", tenant.id), tenant.policy),
+            (budgets.scope_name("key", principal.key_id), principal.policy),
+        ]
+        plan = _Plan(
+            tenant,
+            principal,
+            tuple(Limit(scope, p.rpm, p.tpm) for scope, p in scoped if p and (p.rpm or p.tpm)),
+            tuple((scope, b) for scope, p in scoped if p for b in p.budgets),
+        )
+        if len(self._plans) >= _MAX_PLANS:
+            self._plans.clear()
+        self._plans[key] = plan  # holds both snapshots, so their ids are not reused meanwhile
+        return plan
 
     async def admit(
         self,
@@ -102,12 +135,8 @@ class SpendControl:
     ) -> Admission | None:
         """Rate limits, then budgets, of a request about to go upstream; None if neither
         policy sets any. Raises the 429/402/403 of a refusal."""
-        scoped = [
-            (budgets.scope_name("tenant", tenant.id), tenant.policy),
-            (budgets.scope_name("key", principal.key_id), principal.policy),
-        ]
-        limits = [Limit(scope, p.rpm, p.tpm) for scope, p in scoped if p and (p.rpm or p.tpm)]
-        budgeted = [(s, b) for s, p in scoped if p for b in p.budgets]
+        plan = self._plan(tenant, principal)
+        limits, budgeted = plan.limits, plan.budgets
         if not limits and not budgeted:
             return None
         admission = Admission()
@@ -157,7 +186,7 @@ class SpendControl:
     async def _hold(
         self,
         admission: Admission,
-        scoped: list[tuple[str, Any]],
+        scoped: tuple[tuple[str, Budget], ...],
         tenant_id: str,
         estimate: int | ModelNotPriced,
         record: UsageRecord,
