@@ -118,11 +118,15 @@ def _query_model(query: bytes) -> str | None:
 
 
 def _adding_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
-    """`send`, with `extra` added to the response's headers (budget warnings)."""
+    """`send`, with `extra` added to the response's headers (rate-limit state, budget
+    warnings). The proxy's `x-ratelimit-*` replace the upstream's of the same name: the
+    caller is held to the proxy's limits, and a header must not say two things."""
+    names = {name for name, _ in extra}
 
     async def sender(message: MutableMapping[str, Any]) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+            kept = [h for h in message.get("headers", ()) if h[0].lower() not in names]
+            message = {**message, "headers": [*kept, *extra]}
         await send(message)
 
     return sender

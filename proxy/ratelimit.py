@@ -1,35 +1,41 @@
-"""Requests and tokens per minute (RPM, TPM) for a tenant and a proxy key.
+"""Requests and tokens per minute (RPM, TPM) for a tenant and a proxy key, as token buckets.
 
-Windows: counters live in fixed one-minute windows, the UTC unix minute
-(`int(time.time()) // 60`); every counter starts again at zero when the minute
-turns. A request is admitted only if, for every `Limit` it falls under, the
-requests already counted are below `rpm` and the tokens counted plus its
-estimate are within `tpm` (an estimate bigger than the whole `tpm` counts as
-`tpm`, so such a request can still run in an empty window). Only the
-dimensions that have a limit are counted. Once the response is known,
-`settle` replaces the estimate with the real count.
+The algorithm is OpenAI's (GCRA, the "leaky bucket as a meter"): each scope has a
+bucket per limited dimension that holds at most `rpm` requests (`tpm` tokens) and
+drains continuously at rpm/60 (tpm/60) a second. A request costs 1 in the requests
+bucket and its token estimate in the tokens bucket (an estimate over the whole `tpm`
+counts as `tpm`, so such a request can still run on an empty bucket), and is
+admitted only if every bucket it falls under has room for that. `settle` adds the
+real token count minus the estimate whenever the response ends (never below empty;
+more than estimated may take the bucket past full: later requests wait it out).
 
-Atomicity: `admit` checks and increments every scope at once, or none of them
-(a refused request costs no scope anything). With Redis this is one Lua script
-per request, so however many tasks, workers and replicas share the server, a
-window never admits more than `rpm`. In process there is no `await` between
-the check and the increment, which on one event loop is the same guarantee.
+The bound: at most `rpm` requests in a burst and `rpm` a minute sustained, so in any
+60 s at most 2 x rpm (a full bucket plus 60 s of drain), as with OpenAI; likewise
+for tokens. A refusal says when this request would fit (`Retry-After`,
+`retry-after-ms`; at rpm 60 a second at most), so the SDKs' own retry can wait it.
 
-Where the counters live: in Redis when `REDIS_URL` is set (keys
-`{key_prefix}{scope}:{window}:r` and `:t`, expiring after two minutes), shared
-by every worker and replica. Without Redis they are counted per process: with
-N workers a tenant may get up to N times its limits.
+Atomicity: `admit` checks every bucket of every scope, then adds to all of them or
+to none (a refused request costs no scope anything). With Redis that is one Lua
+script per request, so however many tasks, workers and replicas share the server, a
+bucket never admits past its limit. In process there is no `await` between the
+check and the add, which on one event loop is the same guarantee.
 
-Redis down: any Redis error opens a breaker for one second, during which
-Redis is not tried at all (a dead Redis costs callers nothing), after which
-one request probes it again. While it is down, fail open
-(`rate_limits.fail: open`) counts per process as if there were no Redis;
-fail closed refuses with 503 `rate_limiter_unavailable`. Going down and
-coming back are logged once each and reported to `on_backend`.
+Where the buckets live: in Redis when `REDIS_URL` is set, shared by every worker and
+replica, a hash `{key_prefix}{scope}:r` (`:t`) with the level `l` and the time `t`
+in microseconds of Redis's own clock (`TIME`), so replicas with skewed clocks agree;
+it expires a second after it would be empty, so idle scopes vanish. Without Redis,
+per process: with N workers a tenant may get up to N times its limits.
 
-Refusals are OpenAI's: 429 with `type` `requests` or `tokens`, `Retry-After`
-(seconds until the window ends) and the `x-ratelimit-*` headers, which
-admitted responses carry too.
+Redis down: any Redis error opens a breaker for one second, during which Redis is
+not tried at all (a dead Redis costs callers nothing), after which one request
+probes it again. While it is down, fail open (`rate_limits.fail: open`) counts per
+process as if there were no Redis; fail closed refuses with 503
+`rate_limiter_unavailable`. Going down and coming back are logged once each and
+reported to `on_backend`.
+
+Refusals are OpenAI's: 429 with `type` `requests` or `tokens`, `Retry-After`,
+`retry-after-ms` and the `x-ratelimit-*` headers (`reset`: until the bucket is empty
+again), which admitted responses carry too.
 """
 
 from __future__ import annotations
@@ -51,12 +57,20 @@ from proxy.errors import RateLimiterUnavailable, RateLimitExceeded
 
 log = logging.getLogger("byok.ratelimit")
 
-WINDOW_SECONDS = 60
-KEY_TTL_SECONDS = 120  # a window's keys outlive it, so a late settle still finds them
+SLACK = 1e-9  # relative to a limit: rounding in the drain never refuses a request that fits
+SWEEP_SECONDS = 60.0  # how often the per-process buckets drop those that are empty
+REDIS_CONNECTIONS = 50  # per process; more requests at once wait for one
 BREAKER_SECONDS = 1.0  # after a Redis failure, how long before Redis is tried again
 REDIS_ERRORS = (RedisError, OSError)  # OSError covers TimeoutError and socket errors
 
 Headers = tuple[tuple[bytes, bytes], ...]
+# Per limit, two buckets side by side: [requests, tokens, requests, tokens, ...].
+Caps = list[int | None]  # each bucket's limit (None: that dimension is not limited)
+_DIMS = ("requests", "tokens")
+_HEADER_NAMES = tuple(
+    tuple(f"x-ratelimit-{what}-{dim}".encode() for what in ("limit", "remaining", "reset"))
+    for dim in _DIMS
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,29 +86,23 @@ class Limit:
 class Ticket:
     """What admit() granted; settle() corrects its token count."""
 
-    window: int  # the minute it was counted in (unix time // 60)
     limits: tuple[Limit, ...]
-    tokens: int  # tokens counted at admission (the estimate)
+    tokens: int  # the estimate the request was admitted on
     headers: Headers  # x-ratelimit-* to add to the response
     in_redis: bool = False  # counted in Redis (else in this process): settle goes there too
 
 
-@dataclass(frozen=True, slots=True)
-class _Usage:
-    """One scope's counters in the window, as read before this request."""
-
-    requests: int
-    tokens: int
-
-
-def _now() -> float:
-    """The wall clock (UTC unix seconds); windows must agree across processes."""
-    return time.time()
+_now = time.monotonic  # the per-process buckets' clock (the tests move it by hand)
 
 
 def _cost(limit: Limit, tokens: int) -> int:
     """Tokens this request counts against `limit`: the estimate, capped at its tpm."""
     return tokens if limit.tpm is None else min(tokens, limit.tpm)
+
+
+def _remaining(level: float, cap: int) -> int:
+    """Whole units left in a bucket, as the x-ratelimit-remaining-* headers say it."""
+    return max(0, math.floor(cap - level + cap * SLACK))
 
 
 def format_duration(seconds: float) -> str:
@@ -119,158 +127,163 @@ def _describe(scope: str) -> str:
     return scope
 
 
-def _headers(
-    limits: Sequence[Limit], usage: Sequence[_Usage], left: float, extra: Sequence[int] = ()
-) -> Headers:
-    """The x-ratelimit-* headers: per dimension, the scope with the least remaining.
-
-    `extra` is what this request added to each scope (its cost) when admitted."""
-    reset = format_duration(left).encode()
+def _headers(caps: Caps, levels: Sequence[float]) -> Headers:
+    """The x-ratelimit-* headers: per dimension, the bucket with the least remaining;
+    its reset is the time until it is empty again."""
     out: list[tuple[bytes, bytes]] = []
-    for dim in ("requests", "tokens"):
-        best: tuple[int, int] | None = None  # (remaining, limit)
-        for i, (limit, used) in enumerate(zip(limits, usage, strict=True)):
-            cap = limit.rpm if dim == "requests" else limit.tpm
-            if cap is None:
-                continue
-            taken = used.requests if dim == "requests" else used.tokens
-            if extra:
-                taken += 1 if dim == "requests" else extra[i]
-            remaining = max(0, cap - taken)
-            if best is None or remaining < best[0]:
-                best = (remaining, cap)
+    for dim, names in enumerate(_HEADER_NAMES):
+        best: tuple[int, int, float] | None = None  # (remaining, limit, seconds to empty)
+        for i in range(dim, len(caps), 2):
+            cap = caps[i]
+            if cap is not None:
+                left = _remaining(levels[i], cap)
+                if best is None or left < best[0]:
+                    best = (left, cap, levels[i] * 60 / cap)
         if best is not None:
-            out.append((f"x-ratelimit-limit-{dim}".encode(), str(best[1]).encode()))
-            out.append((f"x-ratelimit-remaining-{dim}".encode(), str(best[0]).encode()))
-            out.append((f"x-ratelimit-reset-{dim}".encode(), reset))
+            out.append((names[0], str(best[1]).encode()))
+            out.append((names[1], str(best[0]).encode()))
+            out.append((names[2], format_duration(best[2]).encode()))
     return tuple(out)
 
 
 def _refusal(
-    limits: Sequence[Limit], usage: Sequence[_Usage], index: int, kind: str, cost: int, left: float
+    limits: Sequence[Limit], caps: Caps, costs: Sequence[int], levels: Sequence[float]
 ) -> RateLimitExceeded:
-    """The 429 for `limits[index]` refusing on `kind` ('requests' or 'tokens')."""
-    limit, used = limits[index], usage[index]
-    if kind == "requests":
-        what, cap, taken, asked = "requests per min (RPM)", limit.rpm, used.requests, 1
-    else:
-        what, cap, taken, asked = "tokens per min (TPM)", limit.tpm, used.tokens, cost
+    """The 429, naming the bucket this request waits longest for (`levels`: before it)."""
+    waits = [
+        -1.0 if cap is None else (levels[i] + costs[i] - cap) * 60 / cap
+        for i, cap in enumerate(caps)
+    ]
+    worst = max(range(len(waits)), key=waits.__getitem__)  # the first one on a tie
+    wait, cap, kind = waits[worst], caps[worst], _DIMS[worst % 2]
+    assert cap is not None
+    what = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
+    used = max(0, math.ceil(levels[worst] - cap * SLACK))
     message = (
-        f"Rate limit reached for {_describe(limit.scope)} on {what}: Limit {cap}, "
-        f"Used {taken}, Requested {asked}. Please try again in {format_duration(left)}."
+        f"Rate limit reached for {_describe(limits[worst // 2].scope)} on {what}: "
+        f"Limit {cap}, Used {used}, Requested {costs[worst]}. "
+        f"Please try again in {format_duration(wait)}."
     )
     retry = (
-        (b"retry-after", str(max(1, math.ceil(left))).encode()),
-        (b"retry-after-ms", str(max(1, math.ceil(left * 1000))).encode()),
+        (b"retry-after", str(max(1, math.ceil(wait))).encode()),
+        (b"retry-after-ms", str(max(1, math.ceil(wait * 1000))).encode()),
     )
-    return RateLimitExceeded(message, kind, retry + _headers(limits, usage, left))
+    return RateLimitExceeded(message, kind, retry + _headers(caps, levels))
 
 
-@dataclass(frozen=True, slots=True)
-class _Refused:
-    """Which limit refused (its index in the limits) and on what."""
-
-    index: int
-    kind: str  # "requests" or "tokens"
+_Outcome = tuple[bool, list[float]]  # admitted, and the levels (after it if so, else before)
 
 
-_Outcome = tuple[list[_Usage], _Refused | None]  # usage before this request, and any refusal
-
-
-class _LocalCounters:
-    """Counters of the current window in this process; older windows are dropped."""
+class _LocalBuckets:
+    """The buckets of this process: per dimension, scope -> [level, measured at, limit]."""
 
     def __init__(self) -> None:
-        self._window = -1
-        self._counts: dict[str, list[int]] = {}  # scope -> [requests, tokens]
+        self._dims: tuple[dict[str, list[float]], ...] = ({}, {})
+        self._swept = _now()
 
-    def _roll(self, window: int) -> None:
-        if window > self._window:
-            self._window = window
-            self._counts = {}
+    def admit(self, limits: Sequence[Limit], caps: Caps, costs: Sequence[int]) -> _Outcome:
+        """Check every bucket, then add to all of them (no await: atomic on one loop)."""
+        now = _now()
+        if now - self._swept > SWEEP_SECONDS:
+            self._sweep(now)
+        levels = [0.0] * len(caps)
+        fits = True
+        for i, cap in enumerate(caps):
+            if cap is not None:
+                levels[i] = self._level(i % 2, limits[i // 2].scope, now)
+                fits = fits and levels[i] + costs[i] <= cap + cap * SLACK
+        if fits:
+            for i, cap in enumerate(caps):
+                if cap is not None:
+                    levels[i] += costs[i]
+                    self._store(i % 2, limits[i // 2].scope, levels[i], now, cap)
+        return fits, levels
 
-    def admit(self, window: int, limits: Sequence[Limit], tokens: int) -> _Outcome:
-        """Check every limit, then count in all of them (no await: atomic on one loop)."""
-        self._roll(window)
-        usage = [_Usage(*self._counts.get(limit.scope, (0, 0))) for limit in limits]
-        refused = _first_refusal(limits, usage, tokens)
-        if refused is not None:
-            return usage, refused
-        for limit in limits:
-            counts = self._counts.setdefault(limit.scope, [0, 0])
-            if limit.rpm is not None:
-                counts[0] += 1
-            if limit.tpm is not None:
-                counts[1] += _cost(limit, tokens)
-        return usage, None
-
-    def settle(self, window: int, limits: Sequence[Limit], deltas: Sequence[int]) -> None:
-        """Add `deltas` to the token counters, if the window is still the current one."""
-        if window != self._window:
-            return
+    def settle(self, limits: Sequence[Limit], deltas: Sequence[int]) -> None:
+        """Add `deltas` to the limits' token buckets (never below empty)."""
+        now = _now()
         for limit, delta in zip(limits, deltas, strict=True):
-            counts = self._counts.get(limit.scope)
-            if counts is not None and limit.tpm is not None:
-                counts[1] += delta
+            if limit.tpm is not None:
+                level = max(0.0, self._level(1, limit.scope, now) + delta)
+                self._store(1, limit.scope, level, now, limit.tpm)
+
+    def _level(self, dim: int, scope: str, now: float) -> float:
+        bucket = self._dims[dim].get(scope)
+        if bucket is None:
+            return 0.0
+        level, then, cap = bucket
+        return max(0.0, level - max(0.0, now - then) * cap / 60)
+
+    def _store(self, dim: int, scope: str, level: float, now: float, cap: int) -> None:
+        bucket = self._dims[dim].get(scope)
+        if bucket is None:
+            self._dims[dim][scope] = [level, now, cap]
+        else:
+            bucket[0], bucket[1], bucket[2] = level, now, cap
+
+    def _sweep(self, now: float) -> None:
+        self._swept = now
+        for dim, buckets in enumerate(self._dims):
+            for scope in [s for s in buckets if self._level(dim, s, now) <= 0]:
+                del buckets[scope]
 
 
-def _first_refusal(
-    limits: Sequence[Limit], usage: Sequence[_Usage], tokens: int
-) -> _Refused | None:
-    """The first limit this request would break, checking requests before tokens."""
-    for i, (limit, used) in enumerate(zip(limits, usage, strict=True)):
-        if limit.rpm is not None and used.requests >= limit.rpm:
-            return _Refused(i, "requests")
-        if limit.tpm is not None and used.tokens + _cost(limit, tokens) > limit.tpm:
-            return _Refused(i, "tokens")
-    return None
-
-
-# KEYS: per limit, its requests key then its tokens key.
-# ARGV: ttl, then per limit: rpm, tpm, cost (-1 = no limit on that dimension).
-# Returns {0 or refusing index (1-based), 0 ok / 1 requests / 2 tokens, r1, t1, r2, t2, ...}
-# with the counters as read before this request.
-_ADMIT_LUA = """
-local ttl = tonumber(ARGV[1])
-local n = #KEYS / 2
-local out = {0, 0}
-for i = 1, n do
-  out[1 + 2 * i] = tonumber(redis.call('GET', KEYS[2 * i - 1]) or '0')
-  out[2 + 2 * i] = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
+# Shared by both scripts: a bucket's level now, and storing one (expiring a second
+# after it would be empty). Times are microseconds of Redis's clock (TIME before a
+# write needs Redis 5 or later, which replicates a script's effects, not the script).
+_LUA_BUCKET = """
+local time = redis.call('TIME')
+local now = time[1] * 1000000 + time[2]
+local function level_of(key, cap)
+  local got = redis.call('HMGET', key, 'l', 't')
+  if not got[1] then return 0 end
+  local drained = math.max(0, now - tonumber(got[2])) * cap / 60000000
+  return math.max(0, tonumber(got[1]) - drained)
 end
-for i = 1, n do
-  local rpm = tonumber(ARGV[3 * i - 1])
-  local tpm = tonumber(ARGV[3 * i])
-  local cost = tonumber(ARGV[3 * i + 1])
-  if rpm >= 0 and out[1 + 2 * i] >= rpm then
-    out[1] = i; out[2] = 1; return out
-  end
-  if tpm >= 0 and out[2 + 2 * i] + cost > tpm then
-    out[1] = i; out[2] = 2; return out
-  end
+local function store(key, level, cap)
+  redis.call('HSET', key, 'l', level, 't', now)
+  redis.call('PEXPIRE', key, math.ceil(level * 60000 / cap) + 1000)
 end
-for i = 1, n do
-  if tonumber(ARGV[3 * i - 1]) >= 0 then
-    redis.call('INCR', KEYS[2 * i - 1])
-    redis.call('EXPIRE', KEYS[2 * i - 1], ttl)
-  end
-  if tonumber(ARGV[3 * i]) >= 0 then
-    redis.call('INCRBY', KEYS[2 * i], ARGV[3 * i + 1])
-    redis.call('EXPIRE', KEYS[2 * i], ttl)
-  end
-end
-return out
 """
 
-# KEYS: token counters; ARGV: the delta for each. An expired window is not recreated.
-_SETTLE_LUA = """
-for i = 1, #KEYS do
-  if redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('INCRBY', KEYS[i], ARGV[i])
+# KEYS: per limit, its requests bucket then its tokens bucket.
+# ARGV: per bucket, its limit (-1: not limited) and this request's cost in it.
+# Returns {1 admitted or 0 refused, then each bucket's level: after this request if
+# admitted, before it if refused} (levels as strings: Lua numbers would be truncated).
+_ADMIT_LUA = (
+    _LUA_BUCKET
+    + """
+local levels, fits = {}, 1
+for i, key in ipairs(KEYS) do
+  local cap = tonumber(ARGV[2 * i - 1])
+  levels[i] = cap < 0 and 0 or level_of(key, cap)
+  if cap >= 0 and levels[i] + tonumber(ARGV[2 * i]) > cap + cap * $SLACK then fits = 0 end
+end
+local out = {fits}
+for i, key in ipairs(KEYS) do
+  local cap = tonumber(ARGV[2 * i - 1])
+  if fits == 1 and cap >= 0 then
+    levels[i] = levels[i] + tonumber(ARGV[2 * i])
+    store(key, levels[i], cap)
   end
+  out[i + 1] = string.format('%.17g', levels[i])
+end
+return out
+""".replace("$SLACK", repr(SLACK))
+)
+
+# KEYS: token buckets; ARGV: per bucket, its limit and the tokens to add (or take off).
+_SETTLE_LUA = (
+    _LUA_BUCKET
+    + """
+for i, key in ipairs(KEYS) do
+  local cap = tonumber(ARGV[2 * i - 1])
+  local level = math.max(0, level_of(key, cap) + tonumber(ARGV[2 * i]))
+  if level > 0 then store(key, level, cap) else redis.call('DEL', key) end
 end
 return 0
 """
+)
 
 
 class RateLimiter:
@@ -281,18 +294,23 @@ class RateLimiter:
     ) -> None:
         self._config = config
         self._on_backend = on_backend
-        self._local = _LocalCounters()
+        self._local = _LocalBuckets()
         self._redis: aioredis.Redis | None = None
         self._healthy = True  # Redis answered last time (or was never tried)
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
         if config.redis_url:
-            # No client-side retries: the breaker decides when Redis is tried again.
-            self._redis = aioredis.Redis.from_url(
+            # No client-side retries: the breaker decides when Redis is tried again. A
+            # blocking pool: a burst of requests waits for a connection (as long as a
+            # call may take) rather than failing, which would count as Redis down.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 config.redis_url,
+                max_connections=REDIS_CONNECTIONS,
+                timeout=config.redis_timeout,
                 socket_timeout=config.redis_timeout,
                 socket_connect_timeout=config.redis_timeout,
                 retry=Retry(NoBackoff(), 0),
             )
+            self._redis = aioredis.Redis.from_pool(pool)
             self._admit_script = self._redis.register_script(_ADMIT_LUA)
             self._settle_script = self._redis.register_script(_SETTLE_LUA)
 
@@ -310,14 +328,13 @@ class RateLimiter:
         if not active:
             return None
         tokens = max(0, tokens)
-        now = _now()
-        window = int(now // WINDOW_SECONDS)
-        left = (window + 1) * WINDOW_SECONDS - now
+        caps: Caps = [cap for lim in active for cap in (lim.rpm, lim.tpm)]
+        costs = [cost for lim in active for cost in (1, _cost(lim, tokens))]
         outcome: _Outcome | None = None
         in_redis = False
         if self._try_redis():
             try:
-                outcome = await self._admit_redis(window, active, tokens)
+                outcome = await self._admit_redis(active, caps, costs)
                 in_redis = True
                 self._redis_ok()
             except REDIS_ERRORS as exc:
@@ -325,16 +342,15 @@ class RateLimiter:
         if outcome is None:
             if self._redis is not None and not self._config.fail_open:
                 raise RateLimiterUnavailable()
-            outcome = self._local.admit(window, active, tokens)
-        usage, refused = outcome
-        if refused is not None:
-            cost = _cost(active[refused.index], tokens)
-            raise _refusal(active, usage, refused.index, refused.kind, cost, left)
-        costs = [_cost(lim, tokens) for lim in active]
-        return Ticket(window, active, tokens, _headers(active, usage, left, costs), in_redis)
+            outcome = self._local.admit(active, caps, costs)
+        admitted, levels = outcome
+        if not admitted:
+            raise _refusal(active, caps, costs, levels)
+        return Ticket(active, tokens, _headers(caps, levels), in_redis)
 
     async def settle(self, ticket: Ticket, actual_tokens: int | None) -> None:
-        """Replace the ticket's estimate by `actual_tokens` in its window; never raises."""
+        """Add `actual_tokens` minus the ticket's estimate to its token buckets, however
+        late; None (not known) keeps the estimate. Never raises."""
         if actual_tokens is None:
             return
         actual = max(0, actual_tokens)
@@ -343,13 +359,14 @@ class RateLimiter:
         if not any(deltas):
             return
         if not ticket.in_redis:
-            self._local.settle(ticket.window, limits, deltas)
+            self._local.settle(limits, deltas)
             return
         if not self._try_redis():
-            return  # Redis is down: that correction is lost, the window ends soon anyway
-        keys = [self._key(lim.scope, ticket.window, "t") for lim in limits]
+            return  # Redis is down: that correction is lost (its buckets drain regardless)
+        keys = [self._key(lim.scope, "t") for lim in limits]
+        args = [x for i, lim in enumerate(limits) for x in (lim.tpm or 0, deltas[i])]
         try:
-            await self._settle_script(keys=keys, args=deltas)
+            await self._settle_script(keys=keys, args=args)
             self._redis_ok()
         except REDIS_ERRORS as exc:
             self._redis_failed(exc)
@@ -361,26 +378,16 @@ class RateLimiter:
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def _admit_redis(self, window: int, limits: tuple[Limit, ...], tokens: int) -> _Outcome:
-        keys: list[str] = []
-        args: list[int] = [KEY_TTL_SECONDS]
-        for lim in limits:
-            keys += [self._key(lim.scope, window, "r"), self._key(lim.scope, window, "t")]
-            args += [
-                -1 if lim.rpm is None else lim.rpm,
-                -1 if lim.tpm is None else lim.tpm,
-                _cost(lim, tokens),
-            ]
+    async def _admit_redis(
+        self, limits: tuple[Limit, ...], caps: Caps, costs: list[int]
+    ) -> _Outcome:
+        keys = [self._key(lim.scope, dim) for lim in limits for dim in ("r", "t")]
+        args = [x for i, cap in enumerate(caps) for x in (-1 if cap is None else cap, costs[i])]
         reply: list[Any] = await self._admit_script(keys=keys, args=args)
-        counts = [int(x) for x in reply[2:]]
-        usage = [_Usage(counts[2 * i], counts[2 * i + 1]) for i in range(len(limits))]
-        index, kind = int(reply[0]), int(reply[1])
-        if index:
-            return usage, _Refused(index - 1, "requests" if kind == 1 else "tokens")
-        return usage, None
+        return reply[0] == 1, [float(level) for level in reply[1:]]
 
-    def _key(self, scope: str, window: int, dim: str) -> str:
-        return f"{self._config.key_prefix}{scope}:{window}:{dim}"
+    def _key(self, scope: str, dim: str) -> str:
+        return f"{self._config.key_prefix}{scope}:{dim}"
 
     def _try_redis(self) -> bool:
         """Whether to call Redis now: configured, and the breaker closed or due a probe."""
