@@ -79,7 +79,7 @@ class Lease:
         return self.known_spent + self.used + self.flushing
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hold:
     """What one request holds on one lease (0 for a soft budget or a free request)."""
 
@@ -133,7 +133,7 @@ class Budgets:
         lease = self.leases.get(key)
         if lease is None:
             lease = self.leases[key] = Lease(tenant_id, budget)
-        elif lease.budget != budget:  # the policy changed: the new limit applies at once
+        elif lease.budget is not budget and lease.budget != budget:  # the policy changed
             if budget.limit_nanos < lease.budget.limit_nanos or budget.hard != lease.budget.hard:
                 self._retire(key, lease)  # what it was granted may exceed the new limit
                 lease = self.leases[key] = Lease(tenant_id, budget)

@@ -6,7 +6,7 @@ an image, a file, a previous response, a conversation, a stored prompt, or a
 body over 1 MiB (read in pieces, never whole). Then it is the price table's
 `max_input_tokens`: no model reads more than its context window.
 Output: the request's own limit times its choices, else `default_output_tokens`
-(`proxy.platform.estimate_tokens`; the README's bound assumes the model stops
+(`proxy.platform.requested_output`; the README's bound assumes the model stops
 there).
 
 Some requests cost more than their tokens, by amounts no response reports
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.platform import USAGE_ENDPOINTS, estimate_tokens
 from proxy.prices import PriceTable
 from proxy.request_json import SMALL
 
@@ -29,6 +28,7 @@ _UNSEEN_TYPES = frozenset(
 )
 _UNSEEN_KEYS = frozenset({"file_id", "image_url", "file_url", "previous_response_id"})
 _TOP_UNSEEN = frozenset({"previous_response_id", "conversation"})
+_PLAIN_MESSAGE = frozenset({"role", "content", "name"})
 _FEE_TOOLS = ("web_search", "file_search", "code_interpreter", "image_generation", "computer_use")
 _STANDARD_TIERS = (None, "auto", "default", "flex")  # flex costs less than the table: a bound
 
@@ -39,15 +39,28 @@ def unseen_input(request: dict[str, Any] | None, size: int) -> bool:
         return size > SMALL
     if not _TOP_UNSEEN.isdisjoint(request) or isinstance(request.get("prompt"), dict):
         return True
-    stack: list[Any] = [request.get("messages"), request.get("input"), request.get("prompt")]
+    stack: list[Any] = [request.get("input"), request.get("prompt")]
+    messages = request.get("messages")
+    if type(messages) is list:
+        for message in messages:  # plain text messages (the common case) need no walk
+            if type(message) is not dict or not _PLAIN_MESSAGE.issuperset(message):
+                stack.append(message)
+            elif type(message.get("content")) is not str:
+                stack.append(message.get("content"))
+    else:
+        stack.append(messages)
     while stack:
         value = stack.pop()
-        if isinstance(value, dict):
+        if type(value) is dict:
             if value.get("type") in _UNSEEN_TYPES or not _UNSEEN_KEYS.isdisjoint(value):
                 return True
-            stack.extend(v for v in value.values() if isinstance(v, dict | list))
-        elif isinstance(value, list):
-            stack.extend(v for v in value if isinstance(v, dict | list))
+            for item in value.values():
+                if type(item) is dict or type(item) is list:
+                    stack.append(item)
+        elif type(value) is list:
+            for item in value:
+                if type(item) is dict or type(item) is list:
+                    stack.append(item)
     return False
 
 
@@ -76,14 +89,12 @@ def standard_tier(request: dict[str, Any] | None) -> bool:
 
 def hold_nanos(
     prices: PriceTable,
-    path: str,
     model: str | None,
     request: dict[str, Any] | None,
     size: int,
-    default_output: int,
+    output: int,
 ) -> int | None:
-    """The most a call to one of `USAGE_ENDPOINTS` may cost, in nanos; None if unpriced."""
-    assert path in USAGE_ENDPOINTS
-    prompt = prices.max_input_tokens if unseen_input(request, size) else size
-    output = estimate_tokens(path, request, 0, default_output)
-    return prices.bound_nanos(model, max(prompt, size), output)
+    """The most a call to one of `USAGE_ENDPOINTS` may cost, in nanos, when it may write
+    `output` tokens (`proxy.platform.requested_output`); None if its model is unpriced."""
+    prompt = max(prices.max_input_tokens, size) if unseen_input(request, size) else size
+    return prices.bound_nanos(model, prompt, output)

@@ -129,6 +129,10 @@ def _stored_reference(value: Any, depth: int = 0) -> str | None:
 
 def _count(value: Any) -> int | None:
     """A non-negative count (an integral float counts too: OpenAI accepts 8.0)."""
+    if value is None:
+        return None
+    if type(value) is int:
+        return value if value >= 0 else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if value != value or value in (float("inf"), float("-inf")) or value < 0:
@@ -148,8 +152,15 @@ def estimate_tokens(
     """
     if path not in USAGE_ENDPOINTS:
         return 0
-    if path == "/v1/embeddings" or request is None:
-        return body_size
+    limit, choices = requested_output(path, request)
+    return body_size + (default_output if limit is None else limit) * choices
+
+
+def requested_output(path: str, request: dict[str, Any] | None) -> tuple[int | None, int]:
+    """The output a request may make: its own limit per choice (None: it states none) and
+    its number of choices; (0, 0) for one that makes none (embeddings, no JSON body)."""
+    if path == "/v1/embeddings" or request is None or path not in USAGE_ENDPOINTS:
+        return 0, 0
     limit = None
     for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
         limit = _count(request.get(name))
@@ -160,4 +171,4 @@ def estimate_tokens(
     if path == "/v1/completions" and isinstance(prompt, list) and prompt:
         if not all(isinstance(p, int) for p in prompt):  # a list of prompts, not of tokens
             choices *= len(prompt)
-    return body_size + (default_output if limit is None else limit) * choices
+    return limit, choices

@@ -132,6 +132,13 @@ class PriceTable:
             if rates is not None
         }
         self._names: dict[str, str | None] = {}  # model as sent -> table entry (bounded)
+        # Rates that are whole nanos per token (prices with at most 3 decimals): exact
+        # costs in integer arithmetic, the Fractions kept for the rest.
+        self._whole = {
+            name: (int(r.input), int(r.cached_input), int(r.output))
+            for name, r in self._rates.items()
+            if r is not None and all(x.denominator == 1 for x in r)
+        }
 
     def __repr__(self) -> str:
         return f"PriceTable({len(self.models)} models, as_of={self.as_of!r})"
@@ -184,6 +191,9 @@ class PriceTable:
         prompt = max(usage.prompt_tokens or 0, 0)
         completion = max(usage.completion_tokens or 0, 0)
         cached = min(max(usage.cached_tokens or 0, 0), prompt)
+        whole = self._whole.get(name)  # type: ignore[arg-type]
+        if whole is not None:
+            return (prompt - cached) * whole[0] + cached * whole[1] + completion * whole[2]
         exact = (
             (prompt - cached) * rates.input
             + cached * rates.cached_input

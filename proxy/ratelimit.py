@@ -60,6 +60,7 @@ log = logging.getLogger("byok.ratelimit")
 SLACK = 1e-9  # relative to a limit: rounding in the drain never refuses a request that fits
 SWEEP_SECONDS = 60.0  # how often the per-process buckets drop those that are empty
 REDIS_CONNECTIONS = 50  # per process; more requests at once wait for one
+_MAX_SHAPES = 10_000  # sequences of limits remembered
 BREAKER_SECONDS = 1.0  # after a Redis failure, how long before Redis is tried again
 REDIS_ERRORS = (RedisError, OSError)  # OSError covers TimeoutError and socket errors
 
@@ -102,13 +103,14 @@ def _cost(limit: Limit, tokens: int) -> int:
 
 def _remaining(level: float, cap: int) -> int:
     """Whole units left in a bucket, as the x-ratelimit-remaining-* headers say it."""
-    return max(0, math.floor(cap - level + cap * SLACK))
+    left = math.floor(cap - level + cap * SLACK)
+    return left if left > 0 else 0
 
 
 def format_duration(seconds: float) -> str:
     """A duration as OpenAI's reset headers write it (Go style): 20ms, 1s, 17.5s, 6m0s."""
-    ms = max(0, round(seconds * 1000))
-    if ms == 0:
+    ms = round(seconds * 1000)
+    if ms <= 0:
         return "0s"
     if ms < 1000:
         return f"{ms}ms"
@@ -132,17 +134,19 @@ def _headers(caps: Caps, levels: Sequence[float]) -> Headers:
     its reset is the time until it is empty again."""
     out: list[tuple[bytes, bytes]] = []
     for dim, names in enumerate(_HEADER_NAMES):
-        best: tuple[int, int, float] | None = None  # (remaining, limit, seconds to empty)
+        best_left, best_cap, best_level = -1, 0, 0.0
         for i in range(dim, len(caps), 2):
             cap = caps[i]
             if cap is not None:
                 left = _remaining(levels[i], cap)
-                if best is None or left < best[0]:
-                    best = (left, cap, levels[i] * 60 / cap)
-        if best is not None:
-            out.append((names[0], str(best[1]).encode()))
-            out.append((names[1], str(best[0]).encode()))
-            out.append((names[2], format_duration(best[2]).encode()))
+                if best_left < 0 or left < best_left:
+                    best_left, best_cap, best_level = left, cap, levels[i]
+        if best_left >= 0:
+            out += (
+                (names[0], b"%d" % best_cap),
+                (names[1], b"%d" % best_left),
+                (names[2], format_duration(best_level * 60 / best_cap).encode()),
+            )
     return tuple(out)
 
 
@@ -187,16 +191,24 @@ class _LocalBuckets:
         if now - self._swept > SWEEP_SECONDS:
             self._sweep(now)
         levels = [0.0] * len(caps)
+        buckets: list[list[float] | None] = [None] * len(caps)
         fits = True
         for i, cap in enumerate(caps):
             if cap is not None:
-                levels[i] = self._level(i % 2, limits[i // 2].scope, now)
+                bucket = buckets[i] = self._dims[i % 2].get(limits[i // 2].scope)
+                if bucket is not None:  # drained since it was last measured
+                    level = bucket[0] - (now - bucket[1]) * bucket[2] / 60
+                    levels[i] = level if level > 0.0 else 0.0
                 fits = fits and levels[i] + costs[i] <= cap + cap * SLACK
         if fits:
             for i, cap in enumerate(caps):
                 if cap is not None:
                     levels[i] += costs[i]
-                    self._store(i % 2, limits[i // 2].scope, levels[i], now, cap)
+                    bucket = buckets[i]
+                    if bucket is None:
+                        self._dims[i % 2][limits[i // 2].scope] = [levels[i], now, cap]
+                    else:
+                        bucket[0], bucket[1], bucket[2] = levels[i], now, cap
         return fits, levels
 
     def settle(self, limits: Sequence[Limit], deltas: Sequence[int]) -> None:
@@ -295,6 +307,7 @@ class RateLimiter:
         self._config = config
         self._on_backend = on_backend
         self._local = _LocalBuckets()
+        self._shapes: dict[int, tuple[Sequence[Limit], tuple[Limit, ...], Caps]] = {}
         self._redis: aioredis.Redis | None = None
         self._healthy = True  # Redis answered last time (or was never tried)
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
@@ -324,11 +337,10 @@ class RateLimiter:
 
         Returns None when nothing limits it; raises RateLimitExceeded (429) or, with
         Redis down and fail closed, RateLimiterUnavailable (503)."""
-        active = tuple(lim for lim in limits if lim.rpm is not None or lim.tpm is not None)
+        active, caps = self._shape(limits)
         if not active:
             return None
         tokens = max(0, tokens)
-        caps: Caps = [cap for lim in active for cap in (lim.rpm, lim.tpm)]
         costs = [cost for lim in active for cost in (1, _cost(lim, tokens))]
         outcome: _Outcome | None = None
         in_redis = False
@@ -348,19 +360,44 @@ class RateLimiter:
             raise _refusal(active, caps, costs, levels)
         return Ticket(active, tokens, _headers(caps, levels), in_redis)
 
+    def _shape(self, limits: Sequence[Limit]) -> tuple[tuple[Limit, ...], Caps]:
+        """The limits that limit something, and their buckets' caps (remembered for the
+        same sequence of limits, which `proxy.spend` keeps per tenant and key)."""
+        known = self._shapes.get(id(limits))
+        if known is not None and known[0] is limits:
+            return known[1], known[2]
+        active = tuple(lim for lim in limits if lim.rpm is not None or lim.tpm is not None)
+        caps: Caps = [cap for lim in active for cap in (lim.rpm, lim.tpm)]
+        if len(self._shapes) >= _MAX_SHAPES:
+            self._shapes.clear()
+        self._shapes[id(limits)] = (limits, active, caps)  # holds `limits`: its id stays its
+        return active, caps
+
+    def settle_here(self, ticket: Ticket, actual_tokens: int | None) -> bool:
+        """Settle what needs no Redis call (nothing to correct, or counted in this
+        process) at once; False when `settle` must still be awaited for Redis."""
+        if actual_tokens is None:
+            return True
+        limits, deltas = self._deltas(ticket, actual_tokens)
+        if not any(deltas):
+            return True
+        if ticket.in_redis:
+            return False
+        self._local.settle(limits, deltas)
+        return True
+
+    @staticmethod
+    def _deltas(ticket: Ticket, actual_tokens: int) -> tuple[list[Limit], list[int]]:
+        actual = max(0, actual_tokens)
+        limits = [lim for lim in ticket.limits if lim.tpm is not None]
+        return limits, [actual - _cost(lim, ticket.tokens) for lim in limits]
+
     async def settle(self, ticket: Ticket, actual_tokens: int | None) -> None:
         """Add `actual_tokens` minus the ticket's estimate to its token buckets, however
         late; None (not known) keeps the estimate. Never raises."""
-        if actual_tokens is None:
+        if actual_tokens is None or self.settle_here(ticket, actual_tokens):
             return
-        actual = max(0, actual_tokens)
-        limits = [lim for lim in ticket.limits if lim.tpm is not None]
-        deltas = [actual - _cost(lim, ticket.tokens) for lim in limits]
-        if not any(deltas):
-            return
-        if not ticket.in_redis:
-            self._local.settle(limits, deltas)
-            return
+        limits, deltas = self._deltas(ticket, actual_tokens)
         if not self._try_redis():
             return  # Redis is down: that correction is lost (its buckets drain regardless)
         keys = [self._key(lim.scope, "t") for lim in limits]

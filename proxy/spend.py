@@ -36,7 +36,7 @@ from proxy import allowance, budgets, ledger
 from proxy.budgets import Budgets, Hold, Lease, LeaseKey
 from proxy.errors import ModelNotPriced, StoreUnavailable
 from proxy.estimate import hold_nanos, unmetered
-from proxy.platform import USAGE_ENDPOINTS, estimate_tokens
+from proxy.platform import USAGE_ENDPOINTS, requested_output
 from proxy.policy import Budget
 from proxy.prices import PriceTable
 from proxy.ratelimit import Limit, RateLimiter, Ticket
@@ -140,14 +140,17 @@ class SpendControl:
         if not limits and not budgeted:
             return None
         admission = Admission()
-        path = record.path
+        limit, choices = requested_output(record.path, counts)
         if limits:
-            tokens = estimate_tokens(path, counts, body_size // 4, 0)
+            # As OpenAI counts a request against TPM: its prompt, plus its output limit.
+            metered = record.path in USAGE_ENDPOINTS
+            tokens = body_size // 4 + (limit or 0) * choices if metered else 0
             admission.ticket = await self.limiter.admit(limits, tokens)
             if admission.ticket is not None:
                 admission.headers.extend(admission.ticket.headers)
         if budgeted:
-            estimate = self._estimate(record, counts, body_size)
+            output = (self.default_output if limit is None else limit) * choices
+            estimate = self._estimate(record, counts, body_size, output)
             try:
                 await self._hold(admission, budgeted, tenant.id, estimate, record)
             except BaseException:
@@ -156,7 +159,7 @@ class SpendControl:
         return admission
 
     def _estimate(
-        self, record: UsageRecord, counts: dict[str, Any] | None, size: int
+        self, record: UsageRecord, counts: dict[str, Any] | None, size: int, output: int
     ) -> int | ModelNotPriced:
         """The most a request may cost, in nanos (`proxy.estimate`), or the 403 a hard
         budget answers when that cannot be known."""
@@ -165,9 +168,7 @@ class SpendControl:
         if path in USAGE_ENDPOINTS:
             extra = unmetered(counts)
             if extra is None:
-                nanos = hold_nanos(
-                    self.prices, path, record.model, counts, size, self.default_output
-                )
+                nanos = hold_nanos(self.prices, record.model, counts, size, output)
                 if nanos is not None:
                     return nanos
                 return ModelNotPriced(
@@ -273,9 +274,10 @@ class SpendControl:
                 tokens: int | None = 0
             else:
                 tokens = usage.tokens if usage is not None else None
-            task = asyncio.ensure_future(self.limiter.settle(ticket, tokens))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if not self.limiter.settle_here(ticket, tokens):  # a Redis call: off the path
+                task = asyncio.ensure_future(self.limiter.settle(ticket, tokens))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     def charge(self, held: int, record: UsageRecord, refused: bool = False) -> int:
         """What a finished request costs a budget, in nanos (see the module docstring)."""

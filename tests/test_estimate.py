@@ -41,7 +41,7 @@ def _user(*parts: dict[str, Any]) -> dict[str, Any]:
 )
 def test_input_beyond_the_body_is_noticed(request_: dict[str, Any]) -> None:
     assert unseen_input(request_, 100)
-    assert hold_nanos(PRICES, "/v1/responses", "m", request_, 100, 10) == 1000 * 1000 + 10 * 4000
+    assert hold_nanos(PRICES, "m", request_, 100, 10) == 1000 * 1000 + 10 * 4000
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_input_beyond_the_body_is_noticed(request_: dict[str, Any]) -> None:
 )
 def test_text_is_held_at_its_size(request_: dict[str, Any]) -> None:
     assert not unseen_input(request_, 100)
-    assert hold_nanos(PRICES, "/v1/responses", "m", request_, 100, 10) == 100 * 1000 + 10 * 4000
+    assert hold_nanos(PRICES, "m", request_, 100, 10) == 100 * 1000 + 10 * 4000
 
 
 def test_a_big_body_is_held_at_the_context_window() -> None:
