@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,21 +117,6 @@ def _query_model(query: bytes) -> str | None:
     return None
 
 
-def _adding_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
-    """`send`, with `extra` added to the response's headers (rate-limit state, budget
-    warnings). The proxy's `x-ratelimit-*` replace the upstream's of the same name: the
-    caller is held to the proxy's limits, and a header must not say two things."""
-    names = {name for name, _ in extra}
-
-    async def sender(message: MutableMapping[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            kept = [h for h in message.get("headers", ()) if h[0].lower() not in names]
-            message = {**message, "headers": [*kept, *extra]}
-        await send(message)
-
-    return sender
-
-
 def _upstream_error(exc: BaseException) -> ProxyError:
     """Our error for a failed upstream exchange (504 on a timeout, 503 when this worker is
     out of file descriptors, else 502)."""
@@ -182,6 +167,7 @@ class _Call:
     upload_failure: list[Exception]
     strip_usage: bool
     settle: Callable[[], Awaitable[None]] | None = None  # the allowance, before the last byte
+    added_headers: Sequence[tuple[bytes, bytes]] = ()  # spend control's, on the response
 
 
 async def _before_last_send(call: _Call, watcher: DisconnectWatch) -> None:
@@ -362,8 +348,6 @@ class Forwarder:
             admission = await self.spend.admit(tenant, principal, record, counts, size)
             if admission is not None:
                 admitted.append(admission)
-                if admission.headers:
-                    send = _adding_headers(send, admission.headers)
 
         reservation = None
         if not isinstance(choice, Credential):
@@ -382,6 +366,8 @@ class Forwarder:
         call = _Call(
             url, choice, tenant.ciphertext, body, streamed_body, length, upload_failure, strip_usage
         )
+        if admitted and admitted[0].headers:
+            call.added_headers = admitted[0].headers
         if reservation is not None:
             # Settled before the response's last byte (the tenant's next request sees it),
             # or, if the request ends any other way, when it ends.
@@ -524,11 +510,17 @@ class Forwarder:
                 )
             replaced = rejections.relayable(error_body, encoding, choice.secret.reveal(), complete)
             if replaced is None:
-                headers = response_headers(response.raw_headers, rid_header, body_changed=False)
+                headers = response_headers(
+                    response.raw_headers, rid_header, body_changed=False, added=call.added_headers
+                )
             else:
                 error_body = replaced
                 headers = response_headers(
-                    response.raw_headers, rid_header, body_changed=True, length=len(error_body)
+                    response.raw_headers,
+                    rid_header,
+                    body_changed=True,
+                    length=len(error_body),
+                    added=call.added_headers,
                 )
             record.status = status
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -538,7 +530,10 @@ class Forwarder:
 
         sse = response.content_type == "text/event-stream"
         headers = response_headers(
-            response.raw_headers, rid_header, body_changed=strip_usage and sse
+            response.raw_headers,
+            rid_header,
+            body_changed=strip_usage and sse,
+            added=call.added_headers,
         )
         record.status = status
         size = response.content_length
