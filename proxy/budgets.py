@@ -12,7 +12,8 @@ returns idle leases (`flush_ops` / `apply`), in the ledger's transaction.
 Bound on overshoot (README, "Controlling spend"): the sum of holds never
 exceeds the limit, and a request is admitted on less than its estimate only
 when its worker's lease holds less than the estimate and the database has
-nothing more to grant; that worker then refuses until a hold is released.
+nothing more to grant, and only while no other such request runs on that
+lease; that worker then refuses until a hold is released.
 So a period's spend exceeds the limit by at most one request's estimate per
 worker process (across replicas), plus whatever requests cost beyond their
 estimates (none for text with `max_tokens` set: the estimate is then an
@@ -66,6 +67,8 @@ class Lease:
     known_spent: int = 0  # the database's spent_nanos when last seen
     exhausted: bool = False  # the last claim got less than it asked for
     inflight: int = 0  # requests holding on it (soft budgets and 0-cost ones included)
+    short: bool = False  # a request admitted on less than its estimate is running
+    retired: bool = False  # takes no new holds (`Budgets._retire`)
     last_active: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -86,6 +89,7 @@ class Hold:
     key: LeaseKey
     lease: Lease
     nanos: int
+    short: bool = False  # admitted on less than its estimate (one at a time per lease)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +148,7 @@ class Budgets:
 
     def _retire(self, key: LeaseKey, lease: Lease) -> None:
         del self.leases[key]
+        lease.retired = True
         self.retired.append((key, lease))
 
     def settle(self, holds: list[Hold], charges: list[int]) -> None:
@@ -152,6 +157,8 @@ class Budgets:
             lease = hold.lease
             lease.held -= hold.nanos
             lease.inflight -= 1
+            if hold.short:
+                lease.short = False
             lease.used += cost
             if cost < hold.nanos:
                 lease.exhausted = False  # something came back: claim again next time

@@ -10,8 +10,9 @@ Output: the request's own limit times its choices, else `default_output_tokens`
 there).
 
 Some requests cost more than their tokens, by amounts no response reports
-(`unmetered`): hosted tools billed per call (web search, file search, code
-interpreter, image generation, computer use) and service tiers priced apart
+(`unmetered`): tools OpenAI runs (web search, file search, code interpreter,
+image generation, computer use, remote MCP: anything but the caller's own
+`function`, `custom` and `local_shell` tools) and service tiers priced apart
 from the table (`priority`, `scale`). A hard budget refuses them.
 """
 
@@ -29,7 +30,10 @@ _UNSEEN_TYPES = frozenset(
 _UNSEEN_KEYS = frozenset({"file_id", "image_url", "file_url", "previous_response_id"})
 _TOP_UNSEEN = frozenset({"previous_response_id", "conversation"})
 _PLAIN_MESSAGE = frozenset({"role", "content", "name"})
-_FEE_TOOLS = ("web_search", "file_search", "code_interpreter", "image_generation", "computer_use")
+# Tools the caller runs itself: their calls and results travel in the bodies. Any other
+# tool runs at OpenAI (web or file search, code interpreter, image generation, computer
+# use, remote MCP servers...): billed per call, or feeding input the body does not show.
+_CLIENT_TOOLS = frozenset({"function", "custom", "local_shell"})
 _STANDARD_TIERS = (None, "auto", "default", "flex")  # flex costs less than the table: a bound
 
 
@@ -77,8 +81,8 @@ def unmetered(request: dict[str, Any] | None) -> str | None:
     if isinstance(tools, list):
         for tool in tools:
             kind = tool.get("type") if isinstance(tool, dict) else None
-            if isinstance(kind, str) and kind.startswith(_FEE_TOOLS):
-                return f"the hosted tool {kind[:40]!r} (billed per call or session)"
+            if not isinstance(kind, str) or kind not in _CLIENT_TOOLS:
+                return f"the hosted tool {str(kind)[:40]!r} (run and billed at OpenAI)"
     return None
 
 

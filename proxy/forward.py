@@ -219,7 +219,8 @@ class Forwarder:
                 )
             record.status, record.error_code = exc.status_code, exc.code
             if not record.client_disconnected:
-                await send_error(send, exc, (rid_header,))
+                added = admitted[0].headers if admitted else ()  # rate-limit state, warnings
+                await send_error(send, exc, (rid_header, *added))
         except ClientGone:
             record.client_disconnected = True
             record.status = record.status or 499
@@ -339,9 +340,10 @@ class Forwarder:
         if restricted:
             policy.check_model(
                 (tenant.policy, principal.policy),
-                record.model or _query_model(scope.get("query_string", b"")),
+                record.model,
                 scope["method"],
                 scope["path"],
+                _query_model(scope.get("query_string", b"")),
             )
         size = len(body) if isinstance(body, bytes) else 0
         if tenant.policy is not None or principal.policy is not None:

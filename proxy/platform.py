@@ -167,8 +167,11 @@ def requested_output(path: str, request: dict[str, Any] | None) -> tuple[int | N
         if limit is not None:
             break
     choices = max(_count(request.get("n")) or 1, _count(request.get("best_of")) or 1)
-    prompt = request.get("prompt")
-    if path == "/v1/completions" and isinstance(prompt, list) and prompt:
-        if not all(isinstance(p, int) for p in prompt):  # a list of prompts, not of tokens
-            choices *= len(prompt)
+    if path == "/v1/completions":
+        prompt = request.get("prompt")
+        if isinstance(prompt, list) and prompt:
+            if not all(isinstance(p, int) for p in prompt):  # a list of prompts, not of tokens
+                choices *= len(prompt)
+        else:  # a body over 1 MiB, read in pieces, counts them (`proxy.request_json`)
+            choices *= max(_count(request.get("prompt_lists")) or 1, 1)
     return limit, choices

@@ -158,40 +158,55 @@ _MODEL_FREE_POSTS = frozenset(
 )
 
 
+# Routes whose model the proxy cannot check from the request: a batch runs whatever
+# its input file names, an eval run the models nested in its data source.
+_UNCHECKABLE = {
+    "/v1/batches": "Batches may run any model (their input file names it)",
+    "/v1/evals/{id}/runs": "Eval runs name their models inside the data source",
+}
+
+
 def check_model(
-    policies: tuple[Policy | None, ...], model: str | None, method: str, path: str
+    policies: tuple[Policy | None, ...],
+    model: str | None,
+    method: str,
+    path: str,
+    query_model: str | None = None,
 ) -> None:
     """Raise 403 `model_not_allowed` unless every policy allows the request's model.
 
-    A request that names no model passes only if it runs none: a read, a delete,
-    or a POST in `_MODEL_FREE_POSTS`. A batch is refused whatever it names (its
-    input file may name any model).
+    `model` is the body's; `query_model` the query string's, which names the model
+    only on Realtime routes but, wherever it appears, must be allowed too. A request
+    that names no model passes only if it runs none: a read, a delete, or a POST in
+    `_MODEL_FREE_POSTS`. Batches and eval runs are refused whatever they name.
     """
-    if model is None:
-        if method in ("GET", "HEAD", "DELETE", "OPTIONS"):
-            return
-        route = routes.template(path)
-        if route == "/v1/batches":
-            raise ModelNotAllowed(
-                "Batches may run any model, so they are refused for a tenant or key with an "
-                "allowed_models list."
-            )
-        if route in _MODEL_FREE_POSTS:
-            return
+    reading = method in ("GET", "HEAD", "DELETE", "OPTIONS")
+    route = "" if reading else routes.template(path)
+    if route in _UNCHECKABLE:
+        raise ModelNotAllowed(
+            f"{_UNCHECKABLE[route]}, so they are refused for a tenant or key with an "
+            "allowed_models list."
+        )
+    if model is None and route.startswith("/v1/realtime"):
+        model, query_model = query_model, None
+    if model is None and not reading and route not in _MODEL_FREE_POSTS:
         raise ModelNotAllowed(
             f"This tenant or proxy key may only use the models on its allowed_models list, "
             f"and the proxy could not read which model {method} {path[:200]} runs. Name it in "
             "the request's top-level `model` field (JSON, or a multipart form field).",
             param="model",
         )
-    for p in policies:
-        if p is not None and not p.allows(model):
-            shown = model if len(model) <= 128 else model[:128] + "..."
-            raise ModelNotAllowed(
-                f"The model {shown!r} is not allowed for this tenant or proxy key; allowed: "
-                f"{', '.join(p.allowed or ()) or 'none'}.",
-                param="model",
-            )
+    for name in (model, query_model):
+        if name is None:
+            continue
+        for p in policies:
+            if p is not None and not p.allows(name):
+                shown = name if len(name) <= 128 else name[:128] + "..."
+                raise ModelNotAllowed(
+                    f"The model {shown!r} is not allowed for this tenant or proxy key; "
+                    f"allowed: {', '.join(p.allowed or ()) or 'none'}.",
+                    param="model",
+                )
 
 
 def parse(text: str | None) -> Policy | None:

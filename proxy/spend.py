@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from proxy import allowance, budgets, ledger
@@ -49,6 +49,7 @@ FLUSH_SECONDS = 1.0
 CLAIM_PAUSE = 1.0  # seconds a dry or failed claim is not tried again (a refused caller costs
 # no database call)
 _FREE_POSTS = ("/v1/moderations", "/v1/files", "/v1/uploads")
+_READS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 WARNING_HEADER = b"x-byok-budget-warning"
 _MAX_PLANS = 10_000
 
@@ -72,7 +73,7 @@ class Admission:
 
 def _metered(method: str, path: str) -> bool:
     """Whether the request's cost comes back in its response, or it costs nothing."""
-    if path in USAGE_ENDPOINTS or method in ("GET", "HEAD", "DELETE", "OPTIONS"):
+    if path in USAGE_ENDPOINTS or method in _READS:
         return True
     return path.startswith(_FREE_POSTS) or path.endswith("/cancel")
 
@@ -98,6 +99,7 @@ class SpendControl:
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: dict[LeaseKey, tuple[float, bool]] = {}  # last claim: when, failed?
         self._plans: dict[tuple[int, int], _Plan] = {}
+        self._flushing = asyncio.Lock()
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -165,14 +167,17 @@ class SpendControl:
         budget answers when that cannot be known."""
         method, path = record.method, record.path
         extra = None
+        if method in _READS:
+            return 0
         if path in USAGE_ENDPOINTS:
             extra = unmetered(counts)
             if extra is None:
                 nanos = hold_nanos(self.prices, record.model, counts, size, output)
                 if nanos is not None:
                     return nanos
+                model = record.model if len(record.model or "") <= 128 else "(a long name)"
                 return ModelNotPriced(
-                    f"The model {record.model!r} has no price in the proxy's price table, so its "
+                    f"The model {model!r} has no price in the proxy's price table, so its "
                     "cost cannot be held against the hard budget. Add it under prices.models "
                     "in config.yaml, or use a priced model."
                 )
@@ -194,35 +199,49 @@ class SpendControl:
     ) -> None:
         today = datetime.now(UTC).date()
         for scope, budget in scoped:
+            if budget.hard:
+                if isinstance(estimate, ModelNotPriced):
+                    raise estimate
+                if estimate:
+                    admission.holds.append(
+                        await self._take(scope, budget, tenant_id, today, estimate)
+                    )
+                    continue
             key, lease = self.budgets.lease(scope, budget, tenant_id, today)
-            if not budget.hard:
-                if lease.spent >= budget.limit_nanos:
-                    what = "daily" if budget.period == "day" else "monthly"
-                    warning = f"{scope} {what} soft budget ${budget.limit_usd:,.2f} exceeded"
-                    admission.headers.append((WARNING_HEADER, warning.encode()))
-                held = 0  # nothing held; settling counts the cost
-            elif isinstance(estimate, ModelNotPriced):
-                raise estimate
-            else:  # a request that costs nothing (a read) passes a used-up budget
-                held = await self._take(key, lease, estimate) if estimate else 0
+            if not budget.hard and lease.spent >= budget.limit_nanos:
+                what = "daily" if budget.period == "day" else "monthly"
+                warning = f"{scope} {what} soft budget ${budget.limit_usd:,.2f} exceeded"
+                admission.headers.append((WARNING_HEADER, warning.encode()))
+            # Nothing held: a soft budget counts the cost when the request settles, and
+            # a request that costs nothing (a read) passes a used-up hard budget.
             lease.inflight += 1
-            admission.holds.append(Hold(key, lease, held))
+            admission.holds.append(Hold(key, lease, 0))
 
-    async def _take(self, key: LeaseKey, lease: Lease, estimate: int) -> int:
-        """Hold `estimate` (or, for the last request that fits, what is left) on a lease."""
-        if lease.available < estimate:
-            async with lease.lock:
-                if lease.available < estimate:
-                    await self._claim(key, lease, estimate)
-        available = lease.available
-        if available >= estimate:
-            held = estimate
-        elif available > 0 and lease.exhausted:
-            held = available  # the last request that fits (the README's overshoot bound)
-        else:
-            raise budgets.exceeded(key, lease.budget)
-        lease.held += held
-        return held
+    async def _take(
+        self, scope: str, budget: Budget, tenant_id: str, today: date, estimate: int
+    ) -> Hold:
+        """Hold `estimate` on the budget's current lease, or, for the last request that
+        fits, what is left of it (one such request at a time: the README's bound)."""
+        while True:
+            key, lease = self.budgets.lease(scope, budget, tenant_id, today)
+            if lease.available < estimate:
+                async with lease.lock:
+                    if lease.available < estimate and not lease.retired:
+                        await self._claim(key, lease, estimate)
+                if lease.retired:  # given back while this waited: ask the current lease
+                    continue
+            available = lease.available
+            short = False
+            if available >= estimate:
+                held = estimate
+            elif available > 0 and lease.exhausted and not lease.short:
+                held, short = available, True
+                lease.short = True
+            else:
+                raise budgets.exceeded(key, lease.budget)
+            lease.held += held
+            lease.inflight += 1
+            return Hold(key, lease, held, short)
 
     async def _claim(self, key: LeaseKey, lease: Lease, estimate: int) -> None:
         paused = self._paused.get(key)
@@ -302,7 +321,12 @@ class SpendControl:
             await self.flush()
 
     async def flush(self) -> None:
-        """One write of everything pending; on failure it stays pending (logged)."""
+        """One write of everything pending; on failure it stays pending (logged). One at
+        a time: a write's releases are accounted only when it ends."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         batch = self.ledger.take()
         today = datetime.now(UTC).date()
         now = time.monotonic()

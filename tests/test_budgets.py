@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -153,15 +154,13 @@ async def test_a_stream_outliving_its_soft_lease_is_still_counted(spend: SpendCo
 
 async def test_a_lowered_limit_shrinks_what_the_worker_may_hold(spend: SpendControl) -> None:
     record = chat()
-    finish_with_cost(
-        spend, await admit(spend, tenant({"period": "day", "limit_usd": 1.0}), record), record, 0
-    )
+    running = await admit(spend, tenant({"period": "day", "limit_usd": 1.0}), record)
     assert row(spend)[1] >= 1_000_000_000 // 50  # a lease of a fiftieth of $1
     lowered = tenant({"period": "day", "limit_usd": 0.0005})
-    estimate = spend.prices.estimate_nanos("gpt-4o-mini", BODY + MAX_TOKENS)
+    estimate = spend.prices.bound_nanos("gpt-4o-mini", BODY, MAX_TOKENS)
     assert estimate is not None
     admitted = 0
-    for _ in range(20):
+    for _ in range(60):  # never settled: 60 holds would be far over the new limit
         try:
             admission = await admit(spend, lowered, chat())
         except BudgetExceeded:
@@ -169,7 +168,55 @@ async def test_a_lowered_limit_shrinks_what_the_worker_may_hold(spend: SpendCont
             spend._paused.clear()  # noqa: SLF001 (skip the second's pause after a dry claim)
             continue
         admitted += sum(h.nanos for h in admission.holds)
+    held_before = running.holds[0].nanos
     assert 0 < admitted <= 500_000 + estimate
+    # The old lease gave back all but what the running request holds.
+    granted, held = held_everywhere(spend)
+    assert row(spend)[1] == granted >= held == admitted + held_before
+
+
+async def test_one_request_at_a_time_is_admitted_short(spend: SpendControl) -> None:
+    snap = tenant({"period": "day", "limit_usd": 0.00005})  # 50,000 nanos
+    estimate = spend.prices.bound_nanos("gpt-4o-mini", BODY, MAX_TOKENS)
+    assert estimate == 21_000
+    first, second, third = chat(), chat(), chat()
+    a = await admit(spend, snap, first)
+    await admit(spend, snap, second)
+    short = await admit(spend, snap, third)  # the last that fits: 8,000 of its 21,000
+    assert short.holds[0].nanos == 8_000
+    finish_with_cost(spend, a, first, 100)  # a cheap answer frees most of its hold
+    with pytest.raises(BudgetExceeded):  # but a second short request is not admitted
+        await admit(spend, snap, chat())
+    finish_with_cost(spend, short, third, 100)
+    assert (await admit(spend, snap, chat())).holds[0].nanos > 0  # now it may be
+
+
+async def test_a_lease_given_back_during_a_claim_is_not_held_on(spend: SpendControl) -> None:
+    snap = tenant({"period": "day", "limit_usd": 1.0})
+    key = ("tenant:acme", "day", datetime.now(UTC).date())
+
+    async def retire() -> None:  # as a period's end or an idle spell would, meanwhile
+        spend.budgets._retire(key, spend.budgets.leases[key])  # noqa: SLF001
+
+    during_next_write(spend, retire)
+    admission = await admit(spend, snap, chat())
+    hold = admission.holds[0]
+    assert not hold.lease.retired and hold.nanos > 0
+    await spend.flush()
+    await spend.flush()
+    granted, held = held_everywhere(spend)
+    assert row(spend)[1] == granted >= held == hold.nanos
+
+
+async def test_writes_never_overlap_so_nothing_is_given_back_twice(spend: SpendControl) -> None:
+    record = chat()
+    finish_with_cost(
+        spend, await admit(spend, tenant({"period": "day", "limit_usd": 1.0}), record), record, 7
+    )
+    make_idle(spend)
+    await asyncio.gather(spend.flush(), spend.aclose())
+    spent, reserved = row(spend)
+    assert (spent, reserved) == (7, 0)
 
 
 async def test_a_read_passes_a_used_up_hard_budget(spend: SpendControl) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.estimate import hold_nanos, standard_tier, unmetered, unseen_input
+from proxy.platform import requested_output
 from proxy.prices import MAX_INPUT_TOKENS, load_prices
 from proxy.request_json import SMALL, read_large
 
@@ -72,6 +73,8 @@ def test_a_big_body_is_held_at_the_context_window() -> None:
         ({"tools": [{"type": "code_interpreter"}]}, "code_interpreter"),
         ({"tools": [{"type": "image_generation"}]}, "image_generation"),
         ({"tools": [{"type": "computer_use_preview"}]}, "computer_use"),
+        ({"tools": [{"type": "mcp", "server_url": "https://example.com"}]}, "mcp"),
+        ({"tools": [{"type": ["function"]}]}, "function"),
         ({"web_search_options": {}}, "web search"),
         ({"service_tier": "priority"}, "priority"),
         ({"service_tier": "scale"}, "scale"),
@@ -86,7 +89,7 @@ def test_plain_requests_have_no_extras() -> None:
     for request_ in (
         None,
         {},
-        {"tools": [{"type": "function"}, {"type": "custom"}, "junk"]},
+        {"tools": [{"type": "function"}, {"type": "custom"}, {"type": "local_shell"}]},
         {"service_tier": "auto"},
         {"service_tier": "flex"},
         {"web_search_options": None},
@@ -111,3 +114,19 @@ async def test_a_big_body_keeps_its_hosted_tools_and_tier() -> None:
     assert fields.counts["tools"] == [{"type": "web_search"}]
     assert fields.counts["service_tier"] == "priority"
     assert fields.counts["web_search_options"] is True
+
+
+async def test_a_big_completions_body_counts_its_prompts() -> None:
+    prompts = ["x" * 600] * 2048  # 2048 text prompts, over 1 MiB in all
+    body = json.dumps({"model": "m", "prompt": prompts, "max_tokens": 10}).encode()
+    fields = await read_large(body)
+    assert fields is not None and len(body) > SMALL
+    assert requested_output("/v1/completions", fields.counts) == (10, 2048)
+    small = {"model": "m", "prompt": prompts[:3], "max_tokens": 10}
+    assert requested_output("/v1/completions", small) == (10, 3)
+    tokens = json.dumps({"prompt": [[1, 2], [3, 4]] * 100_000, "max_tokens": 1}).encode()
+    fields = await read_large(tokens)
+    assert fields is not None and requested_output("/v1/completions", fields.counts) == (
+        1,
+        200_000,
+    )

@@ -178,6 +178,13 @@ _NO_MODEL_READABLE = [
     ("/v1/threads/runs", "application/json", b'{"assistant_id": "asst_1"}'),
     ("/v1/evals/ev_1/runs", "application/json", b'{"data_source": {"model": "o3"}}'),
     ("/v1/realtime/sessions", "application/json", b"{}"),
+    # a query-string model names nothing outside Realtime; batches and eval runs never pass
+    ("/v1/images/generations?model=gpt-4o-mini", "application/json", b'{"prompt": "a"}'),
+    ("/v1/threads/runs?model=gpt-4o-mini", "application/json", b'{"assistant_id": "a"}'),
+    ("/v1/batches?model=gpt-4o-mini", "application/json", b"{}"),
+    ("/v1/batches", "application/json", b'{"model": "gpt-4o-mini"}'),
+    ("/v1/evals/ev_1/runs?model=gpt-4o-mini", "application/json", b'{"model": "gpt-4o-mini"}'),
+    ("/v1/chat/completions?model=o3", "application/json", b'{"model": "gpt-4o-mini"}'),
     (
         "/v1/audio/transcriptions",
         f"multipart/form-data; boundary={_BOUNDARY}; charset=utf-16",
