@@ -393,8 +393,18 @@ print(json.dumps(sorted(took)))
 def test_body_sized_work_never_holds_the_loop(served: tuple[str, Path]) -> None:
     url, tmp = served
     key = _tenant(url, "acme")
+    # A stall seen once may be the machine (another process had both cores); the bug
+    # this catches stalls every time, so a second run must stall too to fail.
+    for attempt in range(2):
+        p50, worst = _probe_while_big_bodies_pass(url, key, tmp / f"stop-probe-{attempt}")
+        if p50 < 0.05 and worst < 0.3:
+            return
+    raise AssertionError(f"the loop stalled twice: p50 {p50:.3f} s, worst {worst:.3f} s")
+
+
+def _probe_while_big_bodies_pass(url: str, key: str, stop: Path) -> tuple[float, float]:
+    """p50 and worst /healthz time of a probe process while big bodies go through."""
     host, port = url.removeprefix("http://").split(":")
-    stop = tmp / "stop-probe"
     probe = subprocess.Popen(
         [sys.executable, "-c", PROBE, host, port, str(stop)], stdout=subprocess.PIPE
     )
@@ -435,8 +445,7 @@ def test_body_sized_work_never_holds_the_loop(served: tuple[str, Path]) -> None:
         out, _ = probe.communicate(timeout=60)
     took = json.loads(out)
     assert len(took) > 50
-    p50, worst = took[len(took) // 2], took[-1]
-    assert p50 < 0.05 and worst < 0.3, (p50, worst)
+    return took[len(took) // 2], took[-1]
 
 
 def test_deeply_nested_proxy_bodies_are_never_a_500(stack: Stack) -> None:
