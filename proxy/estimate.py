@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.prices import PriceTable
-from proxy.request_json import SMALL
+from proxy.request_json import CLIENT_TOOLS, SMALL
 
 # Content parts and keys whose tokens the body's size does not bound.
 _UNSEEN_TYPES = frozenset(
@@ -30,11 +30,8 @@ _UNSEEN_TYPES = frozenset(
 _UNSEEN_KEYS = frozenset({"file_id", "image_url", "file_url", "previous_response_id"})
 _TOP_UNSEEN = frozenset({"previous_response_id", "conversation"})
 _PLAIN_MESSAGE = frozenset({"role", "content", "name"})
-# Tools the caller runs itself: their calls and results travel in the bodies. Any other
-# tool runs at OpenAI (web or file search, code interpreter, image generation, computer
-# use, remote MCP servers...): billed per call, or feeding input the body does not show.
-_CLIENT_TOOLS = frozenset({"function", "custom", "local_shell"})
-_STANDARD_TIERS = (None, "auto", "default", "flex")  # flex costs less than the table: a bound
+_PRICED_TIERS = (None, "auto", "default")  # the table's prices are these tiers
+_BOUNDED_TIERS = (*_PRICED_TIERS, "flex")  # flex costs less than the table: still a bound
 
 
 def unseen_input(request: dict[str, Any] | None, size: int) -> bool:
@@ -73,7 +70,7 @@ def unmetered(request: dict[str, Any] | None) -> str | None:
     if request is None:
         return None
     tier = request.get("service_tier")
-    if tier not in _STANDARD_TIERS:
+    if tier not in _BOUNDED_TIERS:
         return f"service_tier {str(tier)[:32]!r} (its prices are not in the table)"
     if request.get("web_search_options") is not None:
         return "web search (billed per call)"
@@ -81,14 +78,14 @@ def unmetered(request: dict[str, Any] | None) -> str | None:
     if isinstance(tools, list):
         for tool in tools:
             kind = tool.get("type") if isinstance(tool, dict) else None
-            if not isinstance(kind, str) or kind not in _CLIENT_TOOLS:
+            if not isinstance(kind, str) or kind not in CLIENT_TOOLS:
                 return f"the hosted tool {str(kind)[:40]!r} (run and billed at OpenAI)"
     return None
 
 
 def standard_tier(request: dict[str, Any] | None) -> bool:
     """Whether the table's prices are what the call costs (no tier priced apart)."""
-    return request is None or request.get("service_tier") in (None, "auto", "default")
+    return request is None or request.get("service_tier") in _PRICED_TIERS
 
 
 def hold_nanos(

@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 from proxy.errors import BadRequest, PlatformKeyNotAllowed
+from proxy.request_json import PROMPT_LISTS
 
 # Endpoints that report token usage; what they cost is read from it.
 USAGE_ENDPOINTS = frozenset(
@@ -173,5 +174,5 @@ def requested_output(path: str, request: dict[str, Any] | None) -> tuple[int | N
             if not all(isinstance(p, int) for p in prompt):  # a list of prompts, not of tokens
                 choices *= len(prompt)
         else:  # a body over 1 MiB, read in pieces, counts them (`proxy.request_json`)
-            choices *= max(_count(request.get("prompt_lists")) or 1, 1)
+            choices *= max(_count(request.get(PROMPT_LISTS)) or 1, 1)
     return limit, choices

@@ -180,7 +180,7 @@ def check_model(
     that names no model passes only if it runs none: a read, a delete, or a POST in
     `_MODEL_FREE_POSTS`. Batches and eval runs are refused whatever they name.
     """
-    reading = method in ("GET", "HEAD", "DELETE", "OPTIONS")
+    reading = method in routes.READ_METHODS
     route = "" if reading else routes.template(path)
     if route in _UNCHECKABLE:
         raise ModelNotAllowed(

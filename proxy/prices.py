@@ -201,16 +201,6 @@ class PriceTable:
         )
         return _round_half_up(exact)
 
-    def estimate_nanos(self, model: str | None, tokens: int) -> int | None:
-        """An upper bound, before the call, of what `tokens` tokens (prompt and output
-        together) can cost: every token at the dearer of input and output, rounded up;
-        None when the model has no token price."""
-        name = self._name(model)
-        rates = None if name is None else self._rates[name]
-        if rates is None:
-            return None
-        return math.ceil(max(tokens, 0) * max(rates.input, rates.output))
-
     def bound_nanos(self, model: str | None, prompt_tokens: int, output_tokens: int) -> int | None:
         """An upper bound, before the call, of what a call can cost when its prompt is at
         most `prompt_tokens` and its output at most `output_tokens` (uncached prices,

@@ -38,14 +38,16 @@ _USAGE = '"include_usage":true'
 COUNT_FIELDS = frozenset(
     {"max_completion_tokens", "max_tokens", "max_output_tokens", "n", "best_of", "service_tier"}
 )
-_PROMPTS = "prompt_lists"  # a big completions body's text prompts (counts only, not kept)
-_PLAIN_TOOLS = ("function", "custom", "local_shell")
+PROMPT_LISTS = "prompt_lists"  # a big completions body's text prompts (counted, not kept)
+# Tools the caller runs itself: their calls and results travel in the bodies. Any other
+# tool runs at OpenAI (`proxy.estimate`).
+CLIENT_TOOLS = frozenset({"function", "custom", "local_shell"})
 _MAX_TOOLS = 16  # hosted tools kept of a big body (one is enough to refuse it)
 
 
 def _note_tool(counts: dict[str, Any], kind: Any) -> None:
     """Keep a big body's hosted tool types in `counts["tools"]`, as a small body has them."""
-    if not isinstance(kind, str) or kind not in _PLAIN_TOOLS:
+    if not isinstance(kind, str) or kind not in CLIENT_TOOLS:
         tools = counts.setdefault("tools", [])
         if len(tools) < _MAX_TOOLS:
             tools.append({"type": kind[:64] if isinstance(kind, str) else kind})
@@ -109,7 +111,7 @@ async def read_large(body: bytes) -> Fields | None:
                     seen_start = True
                 if event in ("start_map", "start_array"):
                     if depth == 2 and top_key == "prompt":  # a token list: one prompt
-                        fields.counts[_PROMPTS] = fields.counts.get(_PROMPTS, 0) + 1
+                        fields.counts[PROMPT_LISTS] = fields.counts.get(PROMPT_LISTS, 0) + 1
                     if depth == 1 and top_key == "stream_options":
                         options = {} if event == "start_map" else None
                         fields.options = options if options is not None else []
@@ -139,7 +141,7 @@ async def read_large(body: bytes) -> Fields | None:
                 elif depth == 3 and top_key == "tools" and inner_key == "type":
                     _note_tool(fields.counts, value)
                 elif depth == 2 and top_key == "prompt" and event == "string":
-                    fields.counts[_PROMPTS] = fields.counts.get(_PROMPTS, 0) + 1
+                    fields.counts[PROMPT_LISTS] = fields.counts.get(PROMPT_LISTS, 0) + 1
             del events[:]
             await asyncio.sleep(0)
         parser.close()

@@ -9,6 +9,8 @@ first, else `{id}`, which matches any one segment); anything else is `other`.
 from __future__ import annotations
 
 OTHER = "other"
+# Methods that read or remove: they run no model and cost nothing (spend control).
+READ_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 # The public OpenAI REST API (openai/openai-openapi), object ids as `{id}`.
 TEMPLATES = (

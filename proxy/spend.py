@@ -40,6 +40,7 @@ from proxy.platform import USAGE_ENDPOINTS, requested_output
 from proxy.policy import Budget
 from proxy.prices import PriceTable
 from proxy.ratelimit import Limit, RateLimiter, Ticket
+from proxy.routes import READ_METHODS
 from proxy.store import Principal, Store, TenantSnapshot
 from proxy.usage import UsageRecord
 
@@ -49,7 +50,6 @@ FLUSH_SECONDS = 1.0
 CLAIM_PAUSE = 1.0  # seconds a dry or failed claim is not tried again (a refused caller costs
 # no database call)
 _FREE_POSTS = ("/v1/moderations", "/v1/files", "/v1/uploads")
-_READS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 WARNING_HEADER = b"x-byok-budget-warning"
 _MAX_PLANS = 10_000
 
@@ -60,6 +60,7 @@ class _Plan:
     principal: Principal
     limits: tuple[Limit, ...]
     budgets: tuple[tuple[str, Budget], ...]
+    hard: bool  # a hard budget among them (only those need the request's estimate)
 
 
 @dataclass(slots=True)
@@ -71,10 +72,8 @@ class Admission:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
-def _metered(method: str, path: str) -> bool:
-    """Whether the request's cost comes back in its response, or it costs nothing."""
-    if path in USAGE_ENDPOINTS or method in _READS:
-        return True
+def _free(path: str) -> bool:
+    """Whether a write that is not a model call costs nothing (uploads, cancels...)."""
     return path.startswith(_FREE_POSTS) or path.endswith("/cancel")
 
 
@@ -116,11 +115,13 @@ class SpendControl:
             (budgets.scope_name("tenant", tenant.id), tenant.policy),
             (budgets.scope_name("key", principal.key_id), principal.policy),
         ]
+        budgeted = tuple((scope, b) for scope, p in scoped if p for b in p.budgets)
         plan = _Plan(
             tenant,
             principal,
             tuple(Limit(scope, p.rpm, p.tpm) for scope, p in scoped if p and (p.rpm or p.tpm)),
-            tuple((scope, b) for scope, p in scoped if p for b in p.budgets),
+            budgeted,
+            any(b.hard for _, b in budgeted),
         )
         if len(self._plans) >= _MAX_PLANS:
             self._plans.clear()
@@ -152,7 +153,7 @@ class SpendControl:
                 admission.headers.extend(admission.ticket.headers)
         if budgeted:
             output = (self.default_output if limit is None else limit) * choices
-            estimate = self._estimate(record, counts, body_size, output)
+            estimate = self._estimate(record, counts, body_size, output) if plan.hard else 0
             try:
                 await self._hold(admission, budgeted, tenant.id, estimate, record)
             except BaseException:
@@ -167,7 +168,7 @@ class SpendControl:
         budget answers when that cannot be known."""
         method, path = record.method, record.path
         extra = None
-        if method in _READS:
+        if method in READ_METHODS:
             return 0
         if path in USAGE_ENDPOINTS:
             extra = unmetered(counts)
@@ -181,7 +182,7 @@ class SpendControl:
                     "cost cannot be held against the hard budget. Add it under prices.models "
                     "in config.yaml, or use a priced model."
                 )
-        elif _metered(method, path):
+        elif _free(path):
             return 0
         return ModelNotPriced(
             f"{method} {path[:200]} starts work whose cost the proxy cannot meter"

@@ -128,8 +128,8 @@ def test_unknown_and_unmetered_give_none(shipped: PriceTable) -> None:
     assert shipped.cost_nanos("", usage) is None
     assert shipped.cost_nanos("whisper-1", usage) is None
     assert shipped.cost_nanos("dall-e-3", usage) is None
-    assert shipped.estimate_nanos("whisper-1", 100) is None
-    assert shipped.estimate_nanos("no-such-model", 100) is None
+    assert shipped.bound_nanos("whisper-1", 100, 100) is None
+    assert shipped.bound_nanos("no-such-model", 100, 100) is None
     assert not shipped.knows("no-such-model")
 
 
@@ -150,12 +150,12 @@ def test_empty_table() -> None:
 def test_estimate_bounds_the_cost(shipped: PriceTable) -> None:
     for model in ("gpt-4o", "gpt-4o-mini", "o1", "text-embedding-3-small", "gpt-5-nano"):
         for prompt, completion in ((1000, 0), (0, 1000), (700, 300), (3, 4)):
-            estimate = shipped.estimate_nanos(model, prompt + completion)
+            estimate = shipped.bound_nanos(model, prompt, completion)
             cost = shipped.cost_nanos(model, Usage(prompt, completion))
             assert estimate is not None and cost is not None
             assert estimate >= cost, (model, prompt, completion)
-    assert shipped.estimate_nanos("gpt-4o", 1000) == 1000 * 10_000  # output is dearer
-    assert _table(m={"input": 0.0005}).estimate_nanos("m", 1) == 1  # rounded up
+    assert shipped.bound_nanos("gpt-4o", 1000, 1000) == 1000 * 2_500 + 1000 * 10_000
+    assert _table(m={"input": 0.0005}).bound_nanos("m", 1, 0) == 1  # rounded up
 
 
 def test_yaml_date_and_case() -> None:

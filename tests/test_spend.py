@@ -389,6 +389,8 @@ def test_rpm_limit_answers_429_in_openais_shape(spend_stack: Stack) -> None:
     assert headers["x-ratelimit-reset-requests"].endswith("s")
     lines = spend_stack.usage(3)
     assert lines[-1]["status"] == 429 and lines[-1]["error_code"] == "rate_limit_exceeded"
+    _policy(spend_stack, "acme", {"rate_limits": {"rpm": 100}})  # applies to the next call
+    assert sdk.models.list().data
 
 
 def _redis_yaml(prefix: str, fail: str = "open") -> str:
