@@ -47,6 +47,13 @@ EMBEDDING = json.dumps(
     },
     separators=(",", ":"),
 ).encode()
+# What OpenAI sends on every response (https://platform.openai.com/docs/guides/rate-limits);
+# a proxy enforcing its own limits replaces these rather than adding to them.
+RATE_LIMIT_HEADERS = (
+    b"x-ratelimit-limit-requests: 30000\r\nx-ratelimit-limit-tokens: 150000000\r\n"
+    b"x-ratelimit-remaining-requests: 29999\r\nx-ratelimit-remaining-tokens: 149999985\r\n"
+    b"x-ratelimit-reset-requests: 2ms\r\nx-ratelimit-reset-tokens: 0s\r\n"
+)
 MODELS = (
     b'{"object":"list","data":[{"id":"gpt-4o-mini","object":"model","created":1,'
     b'"owned_by":"openai"}]}'
@@ -133,7 +140,8 @@ class _Conn(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"x-request-id: req-bench\r\nopenai-processing-ms: 1\r\n\r\n%s" % (len(body), body)
+            b"x-request-id: req-bench\r\nopenai-processing-ms: 1\r\n%s\r\n%s"
+            % (len(body), RATE_LIMIT_HEADERS, body)
         )
 
     async def _stream(self, chunks: int, interval: float, with_usage: bool) -> None:

@@ -132,7 +132,7 @@ def _describe(scope: str) -> str:
 def _headers(caps: Caps, levels: Sequence[float]) -> Headers:
     """The x-ratelimit-* headers: per dimension, the bucket with the least remaining;
     its reset is the time until it is empty again."""
-    out: list[tuple[bytes, bytes]] = []
+    out: Headers = ()
     for dim, names in enumerate(_HEADER_NAMES):
         best_left, best_cap, best_level = -1, 0, 0.0
         for i in range(dim, len(caps), 2):
@@ -147,7 +147,7 @@ def _headers(caps: Caps, levels: Sequence[float]) -> Headers:
                 (names[1], b"%d" % best_left),
                 (names[2], format_duration(best_level * 60 / best_cap).encode()),
             )
-    return tuple(out)
+    return out
 
 
 def _refusal(
@@ -190,25 +190,28 @@ class _LocalBuckets:
         now = _now()
         if now - self._swept > SWEEP_SECONDS:
             self._sweep(now)
+        dims = self._dims
         levels = [0.0] * len(caps)
         buckets: list[list[float] | None] = [None] * len(caps)
         fits = True
         for i, cap in enumerate(caps):
             if cap is not None:
-                bucket = buckets[i] = self._dims[i % 2].get(limits[i // 2].scope)
+                bucket = buckets[i] = dims[i & 1].get(limits[i >> 1].scope)
                 if bucket is not None:  # drained since it was last measured
                     level = bucket[0] - (now - bucket[1]) * bucket[2] / 60
-                    levels[i] = level if level > 0.0 else 0.0
-                fits = fits and levels[i] + costs[i] <= cap + cap * SLACK
+                    if level > 0.0:
+                        levels[i] = level
+                if levels[i] + costs[i] > cap + cap * SLACK:
+                    fits = False
         if fits:
             for i, cap in enumerate(caps):
                 if cap is not None:
-                    levels[i] += costs[i]
+                    level = levels[i] = levels[i] + costs[i]
                     bucket = buckets[i]
                     if bucket is None:
-                        self._dims[i % 2][limits[i // 2].scope] = [levels[i], now, cap]
+                        dims[i & 1][limits[i >> 1].scope] = [level, now, cap]
                     else:
-                        bucket[0], bucket[1], bucket[2] = levels[i], now, cap
+                        bucket[0], bucket[1], bucket[2] = level, now, cap
         return fits, levels
 
     def settle(self, limits: Sequence[Limit], deltas: Sequence[int]) -> None:
@@ -216,8 +219,8 @@ class _LocalBuckets:
         now = _now()
         for limit, delta in zip(limits, deltas, strict=True):
             if limit.tpm is not None:
-                level = max(0.0, self._level(1, limit.scope, now) + delta)
-                self._store(1, limit.scope, level, now, limit.tpm)
+                level = self._level(1, limit.scope, now) + delta
+                self._store(1, limit.scope, level if level > 0.0 else 0.0, now, limit.tpm)
 
     def _level(self, dim: int, scope: str, now: float) -> float:
         bucket = self._dims[dim].get(scope)
@@ -337,6 +340,8 @@ class RateLimiter:
 
         Returns None when nothing limits it; raises RateLimitExceeded (429) or, with
         Redis down and fail closed, RateLimiterUnavailable (503)."""
+        if self._redis is None:
+            return self.admit_here(limits, tokens)
         active, caps = self._shape(limits)
         if not active:
             return None
@@ -359,6 +364,23 @@ class RateLimiter:
         if not admitted:
             raise _refusal(active, caps, costs, levels)
         return Ticket(active, tokens, _headers(caps, levels), in_redis)
+
+    @property
+    def in_process(self) -> bool:
+        """True when no Redis is configured: `admit_here` then admits without awaiting."""
+        return self._redis is None
+
+    def admit_here(self, limits: Sequence[Limit], tokens: int) -> Ticket | None:
+        """`admit` in this process's buckets, without a coroutine (no Redis configured)."""
+        active, caps = self._shape(limits)
+        if not active:
+            return None
+        tokens = max(0, tokens)
+        costs = [cost for lim in active for cost in (1, _cost(lim, tokens))]
+        admitted, levels = self._local.admit(active, caps, costs)
+        if not admitted:
+            raise _refusal(active, caps, costs, levels)
+        return Ticket(active, tokens, _headers(caps, levels))
 
     def _shape(self, limits: Sequence[Limit]) -> tuple[tuple[Limit, ...], Caps]:
         """The limits that limit something, and their buckets' caps (remembered for the
@@ -388,9 +410,13 @@ class RateLimiter:
 
     @staticmethod
     def _deltas(ticket: Ticket, actual_tokens: int) -> tuple[list[Limit], list[int]]:
-        actual = max(0, actual_tokens)
+        actual = actual_tokens if actual_tokens > 0 else 0
+        estimate = ticket.tokens
         limits = [lim for lim in ticket.limits if lim.tpm is not None]
-        return limits, [actual - _cost(lim, ticket.tokens) for lim in limits]
+        return limits, [
+            actual - (estimate if estimate < lim.tpm else lim.tpm)  # type: ignore[operator]
+            for lim in limits
+        ]
 
     async def settle(self, ticket: Ticket, actual_tokens: int | None) -> None:
         """Add `actual_tokens` minus the ticket's estimate to its token buckets, however

@@ -72,6 +72,15 @@ class Admission:
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
+def _charge(held: int, record: UsageRecord, outcome: str) -> int:
+    """What a finished request costs a budget, in nanos (see the module docstring), given
+    its `allowance.outcome` ("nothing" when refused)."""
+    if outcome == "usage":
+        cost = record.cost_nanos
+        return held if cost is None else cost
+    return held if outcome == "reservation" else 0
+
+
 def _free(path: str) -> bool:
     """Whether a write that is not a model call costs nothing (uploads, cancels...)."""
     return path.startswith(_FREE_POSTS) or path.endswith("/cancel")
@@ -148,7 +157,10 @@ class SpendControl:
             # As OpenAI counts a request against TPM: its prompt, plus its output limit.
             metered = record.path in USAGE_ENDPOINTS
             tokens = body_size // 4 + (limit or 0) * choices if metered else 0
-            admission.ticket = await self.limiter.admit(limits, tokens)
+            if self.limiter.in_process:
+                admission.ticket = self.limiter.admit_here(limits, tokens)
+            else:
+                admission.ticket = await self.limiter.admit(limits, tokens)
             if admission.ticket is not None:
                 admission.headers.extend(admission.ticket.headers)
         if budgeted:
@@ -283,14 +295,15 @@ class SpendControl:
                 self._on_spend(record)
         if admission is None:
             return
+        outcome = "nothing" if refused else allowance.outcome(record)
         if admission.holds:
-            charges = [self.charge(hold.nanos, record, refused) for hold in admission.holds]
+            charges = [_charge(hold.nanos, record, outcome) for hold in admission.holds]
             self.budgets.settle(admission.holds, charges)
             admission.holds = []
         ticket, admission.ticket = admission.ticket, None
         if ticket is not None:
             usage = record.usage
-            if refused or allowance.outcome(record) == "nothing":
+            if outcome == "nothing":
                 tokens: int | None = 0
             else:
                 tokens = usage.tokens if usage is not None else None
@@ -298,16 +311,6 @@ class SpendControl:
                 task = asyncio.ensure_future(self.limiter.settle(ticket, tokens))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-
-    def charge(self, held: int, record: UsageRecord, refused: bool = False) -> int:
-        """What a finished request costs a budget, in nanos (see the module docstring)."""
-        if refused:
-            return 0
-        outcome = allowance.outcome(record)
-        if outcome == "usage":
-            cost = record.cost_nanos
-            return held if cost is None else cost
-        return held if outcome == "reservation" else 0
 
     # --- off the hot path ------------------------------------------------------------
 
