@@ -11,7 +11,7 @@ import time
 
 from starlette.requests import Request
 
-from admin.audit import Actor
+from proxy.audit import Actor
 from proxy.errors import Forbidden, NotFound, ProxyKeyExpired, Unauthorized
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX, tokens_equal

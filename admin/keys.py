@@ -13,10 +13,10 @@ import httpx
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from admin import audit
 from admin.auth import authorize, runtime_of
 from admin.schemas import OpenAIKeyIn, read_body
 from admin.tenants import get_tenant_or_404
+from proxy import audit
 from proxy.errors import (
     OpenAIKeyForbidden,
     OpenAIKeyInvalid,

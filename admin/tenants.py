@@ -11,7 +11,6 @@ from sqlmodel import Session, col, select
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from admin import audit
 from admin.auth import authorize, runtime_of
 from admin.schemas import (
     ApiKeyCreate,
@@ -22,7 +21,7 @@ from admin.schemas import (
     read_body,
     tenant_public,
 )
-from proxy import policy
+from proxy import audit, policy
 from proxy.errors import Conflict, NotFound, ValidationFailed
 from proxy.models import ProxyKey, Tenant, TrialAllowance, rfc3339, utcnow
 from proxy.security import hash_proxy_key, new_proxy_key

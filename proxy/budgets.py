@@ -42,7 +42,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
-from admin import audit
+from proxy import audit
 from proxy.errors import BudgetExceeded
 from proxy.models import BudgetSpend
 from proxy.policy import Budget, period_end, period_start

@@ -180,9 +180,9 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
 def cmd_tenants_create(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from admin.audit import SYSTEM
     from admin.schemas import TenantCreate
     from admin.tenants import create_tenant_row
+    from proxy.audit import SYSTEM
     from proxy.errors import ProxyError
     from proxy.store import Store, migrate
 

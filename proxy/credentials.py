@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import update
 from sqlmodel import col
 
-from admin import audit
+from proxy import audit
 from proxy.config import Config, TierPolicy
 from proxy.errors import OpenAIKeyInvalid, OpenAIKeyMissing, TrialQuotaExceeded
 from proxy.models import Tenant, utcnow

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy import update
 from sqlmodel import col, select
 
-from admin import audit
+from proxy import audit
 from proxy.errors import KeyDecryptionFailed
 from proxy.models import Tenant
 from proxy.security import Keyring

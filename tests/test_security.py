@@ -9,8 +9,8 @@ import pytest
 from helpers import GOOD_KEY, OTHER_KEY
 from sqlmodel import select
 
-from admin.audit import SYSTEM
 from admin.tenants import create_tenant_row
+from proxy.audit import SYSTEM
 from proxy.errors import KeyDecryptionFailed
 from proxy.models import AuditEvent, Tenant
 from proxy.rotation import rotate_all
