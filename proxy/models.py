@@ -127,3 +127,18 @@ class BudgetSpend(SQLModel, table=True):
     spent_nanos: int = _big()  # type: ignore[assignment]
     reserved_nanos: int = _big()  # type: ignore[assignment]
     warned_at: datetime | None = None  # a soft budget's crossing, audited once
+
+
+class Replica(SQLModel, table=True):
+    """A running serving process and the master key ids it can decrypt (`proxy.replicas`),
+    read by `rotate-keys`. `key_ids` is comma-separated, in `ENCRYPTION_KEY`'s order."""
+
+    __tablename__ = "replicas"
+
+    id: str = Field(primary_key=True, max_length=120)
+    host: str = Field(max_length=200)
+    pid: int
+    key_ids: str
+    primary_key_id: str = Field(max_length=8)
+    started_at: datetime = Field(default_factory=utcnow)
+    last_seen: datetime = Field(default_factory=utcnow, index=True)

@@ -30,9 +30,10 @@ from typing import Any
 
 import anyio
 from sqlalchemy import event, exc, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlmodel import Session, col, create_engine, select
 
+from proxy import database_url
 from proxy.config import DatabaseConfig
 from proxy.errors import StoreUnavailable
 from proxy.models import ProxyKey, Tenant
@@ -43,7 +44,7 @@ from proxy.security import hash_proxy_key
 log = logging.getLogger("byok.store")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0003"  # the newest revision in proxy/migrations/versions (a test checks)
+HEAD_REVISION = "0004"  # the newest revision in proxy/migrations/versions (a test checks)
 _PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
 _MISS = object()
 _MAX_CACHED = 100_000  # entries per cache; past this it starts over
@@ -88,10 +89,19 @@ def make_engine(url: str, limits: DatabaseConfig | None = None) -> Engine:
     SQLite gets WAL mode, foreign keys and a busy timeout of `lock_timeout`;
     PostgreSQL a `statement_timeout` and `lock_timeout` on every connection, a
     pre-ping (a terminated connection is replaced, not reported) and a pool of
-    `pool_size` + `max_overflow` with a `pool_timeout` wait.
+    `pool_size` + `max_overflow` with a `pool_timeout` wait. A URL byok-proxy
+    cannot use raises ConfigError (`proxy.database_url`).
     """
     limits = limits or DatabaseConfig()
-    if url.startswith("sqlite"):
+    parsed = database_url.check(url)
+    try:
+        return _make_engine(parsed, limits)
+    except (ImportError, exc.NoSuchModuleError):
+        raise database_url.driver_missing(parsed) from None
+
+
+def _make_engine(url: URL, limits: DatabaseConfig) -> Engine:
+    if url.get_backend_name() == "sqlite":
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": limits.lock_timeout},
@@ -164,8 +174,13 @@ def migrate(engine: Engine) -> None:
 
     Alembic (and Mako) cost the serving process ~10 MB, so `serve` runs this
     in a short-lived `byok-proxy migrate` process and workers only check.
+    A database that cannot be opened raises ConfigError, one line with the fix.
     """
-    if current_revision(engine) == HEAD_REVISION:
+    try:
+        revision = current_revision(engine)
+    except UNAVAILABLE as error:
+        raise database_url.unreachable(engine.url, error) from None
+    if revision == HEAD_REVISION:
         return
     from alembic import command
     from alembic.config import Config as AlembicConfig

@@ -1,0 +1,350 @@
+"""`rotate-keys` and the replica heartbeat: refusal while a running replica lacks the new
+key (two real `serve` processes on one PostgreSQL database), counts, the new key put last,
+progress, resuming after a crash, and no key material in any output."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import pty
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from conftest import _postgres_schema_url
+from helpers import ADMIN_TOKEN, GOOD_KEY, REPO
+from servers import free_port, serve, serve_env
+from sqlmodel import select
+
+from proxy.models import AuditEvent, Replica, Tenant, utcnow
+from proxy.replicas import Heartbeat, live_replicas
+from proxy.security import Keyring, generate_master_key, key_hint
+from proxy.store import Store, migrate
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL schema."""
+    yield from _postgres_schema_url()
+
+
+def seeded(database_url: str, ring: Keyring, count: int, start: int = 0) -> Store:
+    """A migrated store with `count` tenants whose OpenAI key is encrypted under `ring`."""
+    store = Store.connect(database_url)
+    migrate(store.engine)
+    with store.session() as s:
+        for n in range(start, start + count):
+            tid = f"t{n:04d}"
+            s.add(
+                Tenant(
+                    id=tid,
+                    name=tid,
+                    tier="pro",
+                    openai_api_key_encrypted=ring.encrypt(GOOD_KEY, tid),
+                    openai_key_status="valid",
+                    openai_key_hint=key_hint(GOOD_KEY),
+                )
+            )
+        s.commit()
+    return store
+
+
+def by_kid(store: Store) -> dict[str, int]:
+    with store.session() as s:
+        stored = s.exec(select(Tenant.openai_api_key_encrypted)).all()
+    counts: dict[str, int] = {}
+    for c in stored:
+        counts[Keyring.kid_of(c or "")] = counts.get(Keyring.kid_of(c or ""), 0) + 1
+    return counts
+
+
+def rotated_events(store: Store) -> list[str]:
+    with store.session() as s:
+        events = s.exec(select(AuditEvent).where(AuditEvent.action == "openai_key.rotated"))
+        return sorted(e.tenant_id for e in events)
+
+
+def rotate(
+    database_url: str, keys: str, *args: str, code: str | None = None, stderr: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
+    """Run `byok-proxy rotate-keys ARGS` (or `python -c CODE`, which runs it) for real."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ENCRYPTION_KEY", "ADMIN_TOKEN")}
+    env.update(
+        ENCRYPTION_KEY=keys,
+        ADMIN_TOKEN=ADMIN_TOKEN,
+        DATABASE_URL=database_url,
+        BYOK_CONFIG=str(REPO / "config.yaml"),
+    )
+    command = ["-c", code] if code else ["-m", "proxy.cli", "rotate-keys", *args]
+    return subprocess.run(
+        [sys.executable, *command],
+        env=env,
+        text=True,
+        timeout=300,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        check=False,
+    )
+
+
+def assert_no_secrets(result: subprocess.CompletedProcess[str], *keys: str) -> None:
+    output = (result.stdout or "") + (result.stderr or "")
+    for secret in (GOOD_KEY, GOOD_KEY[-12:], *keys):
+        assert secret not in output
+
+
+def test_counts_skips_and_leaves(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    old, new, lost = generate_master_key(), generate_master_key(), generate_master_key()
+    ring_old, ring_new, ring_lost = Keyring.parse(old), Keyring.parse(new), Keyring.parse(lost)
+    store = seeded(db, ring_old, 4)
+    seeded(db, ring_new, 2, start=4).dispose()
+    seeded(db, ring_lost, 1, start=6).dispose()
+
+    first = rotate(db, f"{new},{old}")
+    assert first.returncode == 1, first.stderr
+    assert f"encrypting with key {ring_new.primary_kid} (#1 in ENCRYPTION_KEY)" in first.stdout
+    assert f"4 under key {ring_old.primary_kid} (#2 in ENCRYPTION_KEY)" in first.stdout
+    assert (
+        f"4 re-encrypted, 2 skipped (already under key {ring_new.primary_kid}), 1 left"
+        in first.stdout
+    )
+    assert (
+        f"left 1: made with key id {ring_lost.primary_kid}, which is not in ENCRYPTION_KEY"
+        in first.stderr
+    )
+    assert "t0006" in first.stderr
+    assert by_kid(store) == {ring_new.primary_kid: 6, ring_lost.primary_kid: 1}
+    assert rotated_events(store) == ["t0000", "t0001", "t0002", "t0003"]
+    assert_no_secrets(first, old, new, lost)
+
+    with store.session() as s:  # the lost one goes: the next run is complete
+        gone = s.get(Tenant, "t0006")
+        s.delete(gone)
+        s.commit()
+    again = rotate(db, new)
+    assert again.returncode == 0, again.stderr
+    assert "0 re-encrypted, 6 skipped" in again.stdout and "0 left" in again.stdout
+    store.dispose()
+
+
+def test_new_key_put_last_is_not_a_silent_no_op(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    old, new = generate_master_key(), generate_master_key()
+    ring_old, ring_new = Keyring.parse(old), Keyring.parse(new)
+    store = seeded(db, ring_old, 3)
+    result = rotate(db, f"{old},{new}")
+    assert result.returncode == 1
+    assert f"encrypting with key {ring_old.primary_kid} (#1 in ENCRYPTION_KEY)" in result.stdout
+    assert (
+        f"all 3 stored keys were already under key {ring_old.primary_kid} (#1 in ENCRYPTION_KEY)"
+        f", and key {ring_new.primary_kid} (#2 in ENCRYPTION_KEY) encrypts none of them"
+    ) in result.stderr
+    assert "it must come first" in result.stderr
+    assert by_kid(store) == {ring_old.primary_kid: 3} and rotated_events(store) == []
+    assert_no_secrets(result, old, new)
+    store.dispose()
+
+
+CRASH_AFTER_ONE_BATCH = """
+import os, sys
+import proxy.rotation as rotation
+real = rotation._rotate_batch
+def crash(*args):
+    real(*args)
+    os._exit(9)
+rotation._rotate_batch = crash
+from proxy.cli import main
+sys.exit(main(["rotate-keys", "--batch-size", "10"]))
+"""
+
+
+def test_a_crashed_run_is_finished_by_the_next(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    old, new = generate_master_key(), generate_master_key()
+    store = seeded(db, Keyring.parse(old), 25)
+    kid_old, kid_new = Keyring.parse(old).primary_kid, Keyring.parse(new).primary_kid
+    crashed = rotate(db, f"{new},{old}", code=CRASH_AFTER_ONE_BATCH)
+    assert crashed.returncode == 9, crashed.stderr
+    assert by_kid(store) == {kid_new: 10, kid_old: 15}  # the first batch, with its events
+    assert rotated_events(store) == [f"t{n:04d}" for n in range(10)]
+
+    rerun = rotate(db, f"{new},{old}", "--batch-size", "10")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "15 re-encrypted, 10 skipped" in rerun.stdout and "0 left" in rerun.stdout
+    assert by_kid(store) == {kid_new: 25}
+    assert rotated_events(store) == [f"t{n:04d}" for n in range(25)]  # one each
+    store.dispose()
+
+
+def test_progress_lines_off_a_terminal_and_a_bar_on_one(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    old, new = generate_master_key(), generate_master_key()
+    seeded(db, Keyring.parse(old), 25).dispose()
+    piped = rotate(db, f"{new},{old}", "--batch-size", "10")
+    assert piped.returncode == 0, piped.stderr
+    assert "rotate-keys: 25/25 stored keys done (100%)\n" in piped.stderr
+    assert "\r" not in piped.stderr
+
+    seeded(db, Keyring.parse(old), 25, start=25).dispose()
+    leader, follower = pty.openpty()
+    try:
+        on_tty = rotate(db, f"{new},{old}", "--batch-size", "10", stderr=follower)
+        os.close(follower)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's writer is gone and everything was read
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(leader)
+    assert on_tty.returncode == 0
+    assert b"\rrotate-keys: 10/50 stored keys done (20%)" in seen
+    assert b"\rrotate-keys: 50/50 stored keys done (100%)" in seen
+
+
+def add_replica(store: Store, keys: str, pid: int, seen_ago: float = 0.0) -> None:
+    ring = Keyring.parse(keys)
+    with store.session() as s:
+        s.add(
+            Replica(
+                id=f"far-{pid}",
+                host="far",
+                pid=pid,
+                key_ids=",".join(ring.kids),
+                primary_key_id=ring.primary_kid,
+                last_seen=utcnow() - timedelta(seconds=seen_ago),
+            )
+        )
+        s.commit()
+
+
+def test_refusal_reads_live_rows_only_and_force_overrides(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    old, new = generate_master_key(), generate_master_key()
+    kid_old, kid_new = Keyring.parse(old).primary_kid, Keyring.parse(new).primary_kid
+    store = seeded(db, Keyring.parse(old), 2)
+    add_replica(store, old, 111)
+    add_replica(store, f"{old},{new}", 222)
+    add_replica(store, old, 333, seen_ago=31)  # three beats missed: not live
+    add_replica(store, f"{new},{old}", 444)
+    refused = rotate(db, f"{new},{old}")
+    assert refused.returncode == 1
+    lines = refused.stderr.splitlines()
+    assert (
+        f"rotate-keys: replica on host far, pid 111: cannot decrypt key {kid_new} "
+        f"(its key ids: {kid_old})" in lines
+    )
+    assert (
+        f"rotate-keys: replica on host far, pid 222: encrypts new keys with key {kid_old}, "
+        f"not {kid_new} (its key ids: {kid_old},{kid_new})"
+    ) in lines
+    assert "pid 333" not in refused.stderr and "pid 444" not in refused.stderr
+    assert "refused: 2 running replica(s)" in refused.stderr
+    assert by_kid(store) == {kid_old: 2}
+
+    forced = rotate(db, f"{new},{old}", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "pid 111" in forced.stderr and "2 re-encrypted" in forced.stdout
+    assert by_kid(store) == {kid_new: 2}
+    store.dispose()
+
+
+async def test_heartbeat_records_refreshes_and_forgets(database_url: str) -> None:
+    store = Store.connect(database_url)
+    migrate(store.engine)
+    ring = Keyring.parse(f"{generate_master_key()},{generate_master_key()}")
+    beat = Heartbeat(store, ring, interval=0.05)
+    await beat.start()
+    try:
+        (me,) = live_replicas(store)
+        assert (me.host, me.pid) == (socket.gethostname(), os.getpid())
+        assert me.key_ids == tuple(ring.kids) and me.primary_key_id == ring.primary_kid
+        with store.session() as s:
+            first = s.get(Replica, beat.id).last_seen  # type: ignore[union-attr]
+        for _ in range(100):
+            with store.session() as s:
+                if s.get(Replica, beat.id).last_seen > first:  # type: ignore[union-attr]
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("last_seen never moved")
+    finally:
+        await beat.aclose()
+    assert live_replicas(store) == []
+    store.dispose()
+
+
+async def test_a_heartbeat_failure_is_logged_once_and_never_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store.connect(f"sqlite:///{tmp_path / 'r.db'}")  # not migrated: no table
+    beat = Heartbeat(store, Keyring.parse(generate_master_key()), interval=0.01)
+    with caplog.at_level(logging.WARNING, logger="byok.replicas"):
+        await beat.start()
+        await asyncio.sleep(0.2)
+        await beat.aclose()
+    warnings = [r.getMessage() for r in caplog.records]
+    assert (
+        warnings.count("replica heartbeat not recorded (OperationalError); retrying every 0.01s")
+        == 1
+    )
+    assert any("not deleted at shutdown" in w for w in warnings)
+    store.dispose()
+
+
+def test_refusal_with_two_real_replicas_on_one_postgres(tmp_path: Path, pg_url: str) -> None:
+    """Replica A runs new,old; B runs old only: rotate-keys refuses naming B; once B runs
+    new,old it succeeds. Then a newer key neither has: refused naming both; --force goes."""
+    old, new, newer = (generate_master_key() for _ in range(3))
+    kid_old, kid_new = Keyring.parse(old).primary_kid, Keyring.parse(new).primary_kid
+    store = seeded(pg_url, Keyring.parse(old), 3)
+    dirs = {name: tmp_path / name for name in ("a", "b", "b2")}
+    for d in dirs.values():
+        d.mkdir()
+
+    def env(name: str, keys: str) -> dict[str, str]:
+        return serve_env(dirs[name], keys, pg_url, "https://api.openai.test/v1")
+
+    host = socket.gethostname()
+    a_port, b_port = free_port(), free_port()
+    with serve([], env("a", f"{new},{old}"), dirs["a"], a_port, dirs["a"] / "log") as a:
+        with serve([], env("b", old), dirs["b"], b_port, dirs["b"] / "log") as b:
+            assert {(r.host, r.pid) for r in live_replicas(store)} == {(host, a.pid), (host, b.pid)}
+            refused = rotate(pg_url, f"{new},{old}")
+            assert refused.returncode == 1
+            assert (
+                f"rotate-keys: replica on host {host}, pid {b.pid}: cannot decrypt key {kid_new} "
+                f"(its key ids: {kid_old})"
+            ) in refused.stderr.splitlines()
+            assert f"pid {a.pid}" not in refused.stderr
+            assert by_kid(store) == {kid_old: 3}
+        assert [r.pid for r in live_replicas(store)] == [a.pid]  # B's row left with it
+        with serve([], env("b2", f"{new},{old}"), dirs["b2"], b_port, dirs["b2"] / "log") as b2:
+            done = rotate(pg_url, f"{new},{old}")
+            assert done.returncode == 0, done.stderr
+            assert "3 re-encrypted, 0 skipped" in done.stdout and "0 left" in done.stdout
+            assert by_kid(store) == {kid_new: 3}
+
+            refused = rotate(pg_url, f"{newer},{new},{old}")
+            assert refused.returncode == 1
+            assert f"pid {a.pid}:" in refused.stderr and f"pid {b2.pid}:" in refused.stderr
+            forced = rotate(pg_url, f"{newer},{new},{old}", "--force")
+            assert forced.returncode == 0, forced.stderr
+            assert "3 re-encrypted" in forced.stdout
+    for result in (refused, done, forced):
+        assert_no_secrets(result, old, new, newer)
+    for d in dirs.values():
+        log = (d / "log").read_text()
+        assert all(k not in log for k in (old, new, newer, GOOD_KEY))
+    assert live_replicas(store) == []
+    store.dispose()
