@@ -40,6 +40,9 @@ fails at start-up rather than on every connection.
 
 `out_of_descriptors` tells whether an exception (an upstream connection attempt,
 say) failed because the process or system ran out of file descriptors.
+
+`run` is `uvicorn.run` with SIGHUP meaning "reopen the usage log" in every worker
+(log rotation), where uvicorn's supervisor would replace every worker.
 """
 
 from __future__ import annotations
@@ -48,17 +51,23 @@ import asyncio
 import errno
 import functools
 import json
+import logging
 import os
 import resource
+import signal
 import time
 from asyncio.events import TimerHandle
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+import uvicorn
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
+from uvicorn.supervisors.multiprocess import Multiprocess
+
+log = logging.getLogger("byok.server")
 
 # Environment variable of each `HttpLimits` field (set by the CLI parent, read by workers).
 ENV: Mapping[str, str] = {
@@ -450,3 +459,41 @@ def out_of_descriptors(exc: BaseException) -> bool:
             if linked is not None:
                 todo.append(linked)
     return False
+
+
+def run(app: str, **options: Any) -> None:
+    """`uvicorn.run(app, **options)`, where SIGHUP makes each worker reopen its usage log.
+
+    With one worker, the worker is this process and listens for SIGHUP itself
+    (`UsageLog.start`). With several, uvicorn's supervisor would answer SIGHUP by
+    replacing every worker: streams longer than the shutdown timeout cut, caches and
+    in-process counters lost, for a log rotation. `_Supervisor` forwards it instead.
+    """
+    if (options.get("workers") or 1) <= 1:
+        uvicorn.run(app, **options)
+        return
+    config = uvicorn.Config(app, **options)
+    try:
+        _Supervisor(config, sockets=[config.bind_socket()]).run()
+    except KeyboardInterrupt:
+        pass
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's worker supervisor, forwarding SIGHUP to the workers instead of replacing them."""
+
+    def handle_hup(self) -> None:
+        # Only to workers that are serving: one still starting does not listen for SIGHUP
+        # yet (it would die of it); it opens the usage log's path when it starts, and
+        # each flush reopens the path if the file was moved away meanwhile.
+        ready = [
+            worker.pid
+            for worker in self.processes
+            if worker.pid is not None and worker.is_ready(self.config.timeout_worker_healthcheck)
+        ]
+        log.info("SIGHUP: %d worker(s) reopen the usage log", len(ready))
+        for pid in ready:
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass  # exited meanwhile; its replacement opens the path afresh

@@ -19,6 +19,11 @@ worker thread, so the event loop never waits on the disk. Guarantees:
   rotation), marks the sink unwritable (`writable`, shown by `/readyz` and
   the `byok_usage_log_writable` metric); each flush retries, reopening the
   path, and what was queued meanwhile is written then.
+- **Rotation**: SIGHUP makes the sink reopen its path at once (`reopen`; `serve`
+  forwards SIGHUP to every worker): lines written after it go to the file now at
+  the path, the ones before stay in the moved file, none is cut between the two
+  (files are switched between whole writes). A moved file is also noticed at the
+  next flush without a SIGHUP (above).
 - A crash (SIGKILL) loses what was queued: with a healthy sink, the lines of
   requests that ended in the last `FLUSH_SECONDS` (or the last `FLUSH_LINES`,
   if sooner); while the sink is unwritable, everything queued since.
@@ -34,6 +39,7 @@ import asyncio
 import errno
 import logging
 import os
+import signal
 import stat
 import sys
 import threading
@@ -77,6 +83,8 @@ class UsageLog:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
+        self._reopen = False  # asked by SIGHUP: reopen the path at the next flush
+        self._hangup_handler = False  # this sink answers SIGHUP in this process
         self._io = threading.Lock()  # one writer thread at a time
         self._last_drop_log = 0.0
 
@@ -85,7 +93,24 @@ class UsageLog:
             self._fd = sys.stdout.fileno()
         else:
             self._open()
+        self._listen_for_hangup()
         self._task = asyncio.create_task(self._run(), name="usage-log")
+
+    def _listen_for_hangup(self) -> None:
+        """SIGHUP reopens the file (log rotation) and no longer ends the process.
+
+        Only the main thread's event loop can take signals: a sink started in another
+        thread (an app served in a test's thread) does not listen."""
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reopen)
+        except (RuntimeError, ValueError):
+            return
+        self._hangup_handler = True
+
+    def reopen(self) -> None:
+        """Close the file and open its path again, now (after a log rotation moved it)."""
+        self._reopen = True
+        self._wake.set()
 
     # --- the event loop's side ----------------------------------------------------
 
@@ -123,7 +148,7 @@ class UsageLog:
             self._wake.clear()
             if self._closing:
                 return  # close() writes what is left
-            if self._lines:
+            if self._lines or self._reopen:
                 await asyncio.to_thread(self._flush)
 
     async def close(self) -> None:
@@ -131,6 +156,9 @@ class UsageLog:
         # A flag, not task.cancel(): on Python 3.11 wait_for() can swallow a cancellation.
         self._closing = True
         self._wake.set()
+        if self._hangup_handler:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            self._hangup_handler = False
         if self._task is not None:
             await self._task
         if self._lines:
@@ -152,7 +180,8 @@ class UsageLog:
     def _flush(self) -> None:
         """Write queued lines until the queue is empty or the sink fails."""
         with self._io:
-            if self.target != "-" and not self._same_file():
+            reopen, self._reopen = self._reopen, False
+            if self.target != "-" and (reopen or not self._same_file()):
                 self._open()
             if self._fd is None:
                 return
