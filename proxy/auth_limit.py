@@ -5,9 +5,10 @@ Counted in fixed one-minute windows per address (`limits.failed_auth_per_minute`
 is refused with 429 `too_many_failed_authentications` and `Retry-After`,
 without a database lookup, until the window ends; keys already known keep
 working, so a service behind the same address is not locked out by a
-neighbour's guessing. The address is the TCP peer (forwarded headers are not
-trusted); IPv6 addresses count per /64 (one host can hold a whole /64). The
-table is bounded: past `MAX_ADDRESSES` the oldest tenth is forgotten.
+neighbour's guessing. The address is the client's (`proxy.client_address`: the
+TCP peer, or behind a trusted proxy the address it forwarded for); IPv6
+addresses count per /64 (one host can hold a whole /64). The table is
+bounded: past `MAX_ADDRESSES` the oldest tenth is forgotten.
 """
 
 from __future__ import annotations

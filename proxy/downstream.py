@@ -1,7 +1,8 @@
 """The caller's side of a /v1 request: its body, read within the limit, and its disconnect.
 
 - `read_all` reads a (JSON) body whole; `stream_body` hands an upload on as it
-  arrives. Both stop at `max_body_bytes` with 413.
+  arrives. Both stop at their limit with 413 (`max_body_bytes` for JSON read whole,
+  `max_upload_bytes` for streamed uploads).
 - `DisconnectWatch` cancels the request when the caller goes away, so the
   upstream response is closed at once (the tenant pays for every token).
 """

@@ -1,7 +1,7 @@
 """The `model` field of a multipart/form-data upload, learnt before anything goes upstream.
 
 A tenant's model allow-list needs the model of an audio transcription or an
-image edit too, and those bodies can be 64 MiB. `read_model_field` feeds the
+image edit too, and those bodies can be hundreds of MB. `read_model_field` feeds the
 body, chunk by chunk as it arrives, to python-multipart's streaming parser (the
 one Starlette uses) and stops as soon as the first `model` field is complete.
 The OpenAI SDKs send data fields before files, so that is usually within the

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from helpers import ADMIN_TOKEN, REPO
+from sqlalchemy.engine import make_url
 
 from proxy.config import ConfigError, load_config
 from proxy.security import Secret, generate_master_key
@@ -140,3 +146,166 @@ def test_dev_generates_secrets_once(tmp_path: Path, capsys: pytest.CaptureFixtur
     # Explicit environment wins over the generated secrets.
     third = load_config(REPO / "config.yaml", env(), dev=True, state_dir=state)
     assert third.admin_token.reveal() == ADMIN_TOKEN
+
+
+# --- startup failures through the real command: one line, what to fix, no password ---
+
+PASSWORD = "s3cretPW-4711"
+BYOK = Path(sys.executable).parent / "byok-proxy"
+
+
+def _postgres_server() -> str | None:
+    """host:port of the tests' PostgreSQL server, if it answers."""
+    from conftest import PG_URL
+
+    url = make_url(PG_URL)
+    try:
+        socket.create_connection((url.host or "127.0.0.1", url.port or 5432), timeout=2).close()
+    except OSError:
+        return None
+    return f"{url.host or '127.0.0.1'}:{url.port or 5432}"
+
+
+def run_cli(args: list[str], cwd: Path, **variables: str) -> subprocess.CompletedProcess[str]:
+    """`byok-proxy ARGS` in `cwd` with valid secrets and `variables`, bounded in time."""
+    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "BYOK_CONFIG")}
+    return subprocess.run(  # noqa: S603 (our own console script)
+        [str(BYOK), *args],
+        cwd=cwd,
+        env={**base, **env(), **variables},
+        capture_output=True,
+        text=True,
+        timeout=120,  # a command that fails to fail would serve on
+        check=False,
+    )
+
+
+def assert_one_line(result: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert result.returncode != 0, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), result.stderr
+    assert "Traceback" not in result.stderr and PASSWORD not in result.stderr + result.stdout
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def bad_database_urls(tmp: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """name -> (DATABASE_URL, words its error line must hold)."""
+    unused_port = 1  # tcpmux: nothing listens there
+    blocker = tmp / "a-file"
+    blocker.write_text("")
+    urls = {
+        "refused": (
+            f"postgresql+psycopg://postgres:{PASSWORD}@127.0.0.1:{unused_port}/test",
+            ("Connection refused", "postgres:***@", "port", "DATABASE_URL"),
+        ),
+        "mysql": (f"mysql://u:{PASSWORD}@127.0.0.1/db", ("'mysql' is not supported",)),
+        "postgres-scheme": (f"postgres://u:{PASSWORD}@127.0.0.1/db", ("postgresql+psycopg://",)),
+        "no-driver": (f"postgresql+pg8000://u:{PASSWORD}@127.0.0.1/db", ("not installed",)),
+        "malformed": (f"postgresql+psycopg://u:{PASSWORD}@host:port/db", ("not a database URL",)),
+        "sqlite-no-dir": (f"sqlite:///{tmp / 'missing' / 'byok.db'}", ("does not exist",)),
+        "sqlite-not-a-dir": (f"sqlite:///{blocker / 'byok.db'}", ("not a directory",)),
+    }
+    server = _postgres_server()
+    if server is not None:
+        urls["missing-database"] = (
+            f"postgresql+psycopg://postgres:{PASSWORD}@{server}/byok_no_such_database",
+            ('"byok_no_such_database" does not exist', "createdb"),
+        )
+    return urls
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+def test_bad_database_url_is_one_line(tmp_path: Path, command: str) -> None:
+    args = [command] if command == "migrate" else ["serve", "--port", "0"]
+    for name, (url, words) in bad_database_urls(tmp_path).items():
+        result = run_cli(args, tmp_path, DATABASE_URL=url)
+        line = assert_one_line(result, *words)
+        assert line.startswith("byok-proxy: "), (name, line)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any directory")
+def test_sqlite_directory_not_writable(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o500)
+    result = run_cli(["migrate"], tmp_path, DATABASE_URL=f"sqlite:///{folder / 'byok.db'}")
+    assert_one_line(result, "not writable")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("limits:\n  max_body_bytes: [1,\n", ("not valid YAML", "line 3")),
+        ("upstream:\n  base_url: x\n  read_timeout_seconds: 1\n\tbad: tab\n", ("line 4",)),
+        ("limitz:\n  max_body_bytes: 1\n", ("unknown setting", "limitz")),
+        ("limits:\n  max_upload_bytes: lots\n", ("limits.max_upload_bytes", "must be int")),
+        ("trusted_proxies: [10.0.0.0/33]\n", ("trusted_proxies", "10.0.0.0/33")),
+    ],
+)
+def test_bad_config_file_is_one_line(tmp_path: Path, text: str, words: tuple[str, ...]) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    assert_one_line(run_cli(["migrate"], tmp_path, BYOK_CONFIG="c.yaml"), *words)
+
+
+@pytest.mark.parametrize("kind", ["directory", "binary"])
+def test_unreadable_byok_config_is_one_line(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "conf"
+    if kind == "directory":
+        target.mkdir()
+    else:
+        target.write_bytes(b"\xff\xfe\x00junk")
+    result = run_cli(["serve", "--port", "0"], tmp_path, BYOK_CONFIG=str(target))
+    assert_one_line(result, "cannot be read", "BYOK_CONFIG")
+
+
+def test_yaml_error_names_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("cache_ttl_seconds: 5\nlimits: {max_body_bytes: 1\n")
+    with pytest.raises(ConfigError, match=r"line 3, column 1"):
+        load_config(path, env())
+
+
+def test_upload_limit_defaults_above_the_json_limit() -> None:
+    config = load_config(REPO / "config.yaml", env())
+    assert config.max_upload_bytes == 513 * 1024 * 1024 > 512 * 1000 * 1000
+    assert config.max_body_bytes == 64 * 1024 * 1024
+    assert not config.trusted_proxies.networks
+
+
+def test_fallback_tier_without_platform_key_warns_and_says_so(
+    tmp_path: Path, master_key: str
+) -> None:
+    from fake_openai import start_fake
+    from servers import create_tenant, free_port, serve, serve_env
+
+    fake, fake_server = start_fake()
+    variables = serve_env(tmp_path, master_key, f"sqlite:///{tmp_path / 'db'}", fake.base_url)
+    del variables["PLATFORM_OPENAI_KEY"]
+    port, log = free_port(), tmp_path / "serve.log"
+    with fake_server, serve([], variables, tmp_path, port, log):
+        url = f"http://127.0.0.1:{port}"
+        key = create_tenant(url, "triala", tier="trial")
+        reply = httpx.post(
+            url + "/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+    assert reply.status_code == 402
+    error = reply.json()["error"]
+    assert error["code"] == "openai_key_missing"
+    assert "platform key" in error["message"] and "not configured" in error["message"]
+    assert "must bring" not in error["message"]
+    assert not fake.requests
+    warnings = [line for line in log.read_text().splitlines() if "PLATFORM_OPENAI_KEY" in line]
+    assert len(warnings) == 1 and "trial" in warnings[0] and "WARNING" in warnings[0]
+
+
+def test_fallback_tiers_without_platform_key() -> None:
+    from proxy.credentials import fallback_without_platform_key
+
+    config = load_config(REPO / "config.yaml", env())
+    assert fallback_without_platform_key(config) == ["trial"]
+    with_key = load_config(REPO / "config.yaml", env(PLATFORM_OPENAI_KEY="sk-" + "p" * 30))
+    assert fallback_without_platform_key(with_key) == []

@@ -358,6 +358,60 @@ def test_admin_listener_ignores_x_forwarded_for(tmp_path: Path, master_key: str)
         assert served.port != admin_port
 
 
+# --- body limits: JSON (read whole) vs streamed uploads --------------------------------
+
+LIMITS = "limits:\n  max_body_bytes: 1000\n  max_upload_bytes: 5000\n"
+
+
+def test_streamed_uploads_have_their_own_larger_limit(tmp_path: Path, master_key: str) -> None:
+    from servers import create_tenant as create_with_key
+    from stack import TENANT_KEY
+
+    with running(tmp_path, master_key, yaml=LIMITS) as served:
+        key = create_with_key(served.url, "up", openai_key=TENANT_KEY)
+        auth = {"Authorization": f"Bearer {key}"}
+
+        def upload(body: bytes | Iterator[bytes], content_type: str | None) -> httpx.Response:
+            headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
+            return httpx.post(served.url + "/v1/files", content=body, headers=headers)
+
+        # Over the JSON limit, under the upload limit: multipart (with a Content-Length),
+        # chunked octets, and a body with no content type all reach the upstream whole.
+        form = httpx.Request(
+            "POST", "http://x", files={"file": ("a.jsonl", b"f" * 3000)}, data={"purpose": "batch"}
+        )
+        multipart = upload(form.read(), form.headers["content-type"])
+        assert multipart.status_code == 200, multipart.text
+        assert served.fake.requests[-1].body == form.read()
+        chunked = upload(iter([b"o" * 2000, b"o" * 2000]), "application/octet-stream")
+        assert chunked.status_code == 200, chunked.text
+        assert served.fake.requests[-1].body == b"o" * 4000
+        assert upload(b"n" * 4000, None).status_code == 200
+        seen = len(served.fake.requests)
+
+        # JSON bodies keep the lower limit.
+        json_body = json.dumps({"model": "m", "messages": [], "pad": "j" * 2000}).encode()
+        for body in (json_body, iter([json_body])):
+            answer = httpx.post(
+                served.url + "/v1/chat/completions",
+                content=body,
+                headers={**auth, "Content-Type": "application/json"},
+            )
+            assert answer.status_code == 413, answer.text
+            assert answer.json()["error"]["code"] == "request_too_large"
+            assert "1000-byte" in answer.json()["error"]["message"]
+
+        # Over the upload limit: 413 in OpenAI's shape, declared or found while streaming.
+        for body in (b"u" * 6000, iter([b"u" * 3000] * 2)):
+            over = upload(body, "application/octet-stream")
+            assert over.status_code == 413, over.text
+            error = over.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert error["code"] == "request_too_large" and "5000-byte" in error["message"]
+            assert error["type"] == "invalid_request_error"
+        assert len(served.fake.requests) == seen  # nothing over a limit arrived whole
+
+
 # --- units ----------------------------------------------------------------------------
 
 
