@@ -14,7 +14,7 @@ from starlette.requests import Request
 from proxy.audit import Actor
 from proxy.errors import Forbidden, NotFound, ProxyKeyExpired, Unauthorized
 from proxy.runtime import Runtime
-from proxy.security import PROXY_KEY_PREFIX, tokens_equal
+from proxy.security import PROXY_KEY_PREFIX, bearer_token, tokens_equal
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -23,18 +23,12 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-def bearer(request: Request) -> str | None:
-    """The bearer token of the request, if any."""
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
-
-
 async def authorize(request: Request, *, self_route: bool = False) -> Actor:
     """Check the caller may use this route; return it as an audit Actor."""
     runtime = runtime_of(request)
-    token = bearer(request)
+    token = bearer_token(request.headers.get("authorization", "").encode("latin-1"))
     request_id = request.scope.get("state", {}).get("request_id")
-    source_ip = request.client.host if request.client else None
+    source_ip = runtime.config.trusted_proxies.client(request.scope)
     guards = runtime.auth_limit
     if token is not None and tokens_equal(token, runtime.config.admin_token.reveal()):
         return Actor("admin", None, request_id, source_ip)

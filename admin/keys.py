@@ -7,50 +7,25 @@ event commit in one transaction, so any failure leaves the previous key.
 
 from __future__ import annotations
 
-import re
-
 import httpx
+from sqlmodel import Session
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from admin.auth import authorize, runtime_of
-from admin.schemas import OpenAIKeyIn, read_body
+from admin.schemas import INVALID_KEY_FORMAT, OpenAIKeyIn, read_body
 from admin.tenants import get_tenant_or_404
 from proxy import audit
+from proxy.config import UpstreamConfig
 from proxy.errors import (
     OpenAIKeyForbidden,
     OpenAIKeyInvalid,
     OpenAIQuotaExceeded,
     OpenAIUnreachable,
-    ValidationFailed,
+    ProxyError,
 )
-from proxy.models import rfc3339, utcnow
-from proxy.runtime import Runtime
+from proxy.models import Tenant, rfc3339, utcnow
 from proxy.security import Secret, key_hint
-
-_KEY_CHARS = re.compile(r"[A-Za-z0-9_-]+")
-MIN_KEY_LENGTH = 20
-MAX_KEY_LENGTH = 512
-
-
-def check_key_format(raw: str) -> Secret:
-    """Strip and check a pasted key; raise 422 `invalid_key_format` naming the failed rule."""
-    key = raw.strip()
-
-    def fail(rule: str) -> ValidationFailed:
-        return ValidationFailed(rule, param="api_key", code="invalid_key_format")
-
-    if not key.startswith("sk-"):
-        raise fail("An OpenAI API key starts with 'sk-'.")
-    if key.startswith("sk-admin-"):
-        raise fail(
-            "OpenAI admin keys ('sk-admin-') are refused; register a project or user API key."
-        )
-    if not MIN_KEY_LENGTH <= len(key) <= MAX_KEY_LENGTH:
-        raise fail(f"An OpenAI API key is {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} characters long.")
-    if not _KEY_CHARS.fullmatch(key):
-        raise fail("An OpenAI API key holds only letters, digits, '-' and '_'.")
-    return Secret(key)
 
 
 def _insufficient_quota(response: httpx.Response) -> bool:
@@ -64,12 +39,13 @@ def _insufficient_quota(response: httpx.Response) -> bool:
     )
 
 
-async def validate_with_openai(runtime: Runtime, key: Secret, tenant_id: str) -> None:
+async def validate_with_openai(
+    client: httpx.AsyncClient, upstream: UpstreamConfig, key: Secret, tenant_id: str
+) -> None:
     """One cheap upstream call with the candidate key; map the outcome to our errors."""
-    upstream = runtime.config.upstream
     url = f"{upstream.base_url}/models"
     try:
-        response = await runtime.validation_client.get(
+        response = await client.get(
             url,
             headers={"Authorization": f"Bearer {key.reveal()}"},
             timeout=upstream.validation_timeout,
@@ -101,10 +77,44 @@ async def validate_with_openai(runtime: Runtime, key: Secret, tenant_id: str) ->
     )
 
 
+def store_openai_key(
+    session: Session, actor: audit.Actor, tenant_id: str, ciphertext: str, hint: str
+) -> dict[str, object]:
+    """Store a validated key's ciphertext and its audit event in one commit (also the CLI's)."""
+    tenant = get_tenant_or_404(session, tenant_id)
+    action = "openai_key.replaced" if tenant.openai_api_key_encrypted else "openai_key.set"
+    now = utcnow()
+    tenant.openai_api_key_encrypted = ciphertext
+    tenant.openai_key_status = "active"
+    tenant.openai_key_hint = hint
+    tenant.openai_key_validated_at = now
+    tenant.openai_key_updated_at = now
+    tenant.updated_at = now
+    audit.record(session, actor, tenant_id, action, hint)
+    session.commit()
+    return {"status": "active", "hint": hint, "validated_at": rfc3339(now)}
+
+
+# A refused registration is audited with why, never with the key: error code -> action.
+REJECTIONS = {
+    INVALID_KEY_FORMAT: "openai_key.rejected.format",
+    OpenAIKeyInvalid.code: "openai_key.rejected.invalid",
+    OpenAIQuotaExceeded.code: "openai_key.rejected.no_credit",
+    OpenAIKeyForbidden.code: "openai_key.rejected.forbidden",
+    OpenAIUnreachable.code: "openai_key.rejected.unverified",
+}
+
+
+def audit_rejection(session: Session, actor: audit.Actor, tenant_id: str, code: str) -> None:
+    """Audit a key registration refused with error `code` (one of REJECTIONS), if the
+    tenant exists (also the CLI's)."""
+    if session.get(Tenant, tenant_id) is not None:
+        audit.record(session, actor, tenant_id, REJECTIONS[code])
+        session.commit()
+
+
 async def set_openai_key(request: Request) -> Response:
     actor = await authorize(request, self_route=True)
-    body: OpenAIKeyIn = await read_body(request, OpenAIKeyIn)
-    key = check_key_format(body.api_key)
     runtime = runtime_of(request)
     tenant_id = request.path_params["tenant_id"]
     store = runtime.store
@@ -113,30 +123,49 @@ async def set_openai_key(request: Request) -> Response:
         with store.session() as s:
             get_tenant_or_404(s, tenant_id)
 
-    await runtime.store.run(exists)
-    await validate_with_openai(runtime, key, tenant_id)
+    def rejected(code: str) -> None:
+        with store.session() as s:
+            audit_rejection(s, actor, tenant_id, code)
+
+    try:
+        body: OpenAIKeyIn = await read_body(request, OpenAIKeyIn)  # rule: proxy.keyformat
+        key = body.api_key
+        await runtime.store.run(exists)
+        await validate_with_openai(
+            runtime.validation_client, runtime.config.upstream, key, tenant_id
+        )
+    except ProxyError as refusal:
+        if refusal.code in REJECTIONS:
+            await store.run(rejected, refusal.code)
+        raise
     ciphertext = runtime.vault.encrypt_openai_key(key, tenant_id)
     hint = key_hint(key.reveal())
-    del key
+    del key, body
 
     def store_key() -> dict[str, object]:
         with store.session() as s:
-            tenant = get_tenant_or_404(s, tenant_id)
-            action = "openai_key.replaced" if tenant.openai_api_key_encrypted else "openai_key.set"
-            now = utcnow()
-            tenant.openai_api_key_encrypted = ciphertext
-            tenant.openai_key_status = "active"
-            tenant.openai_key_hint = hint
-            tenant.openai_key_validated_at = now
-            tenant.openai_key_updated_at = now
-            tenant.updated_at = now
-            audit.record(s, actor, tenant_id, action, hint)
-            s.commit()
-            return {"status": "active", "hint": hint, "validated_at": rfc3339(now)}
+            return store_openai_key(s, actor, tenant_id, ciphertext, hint)
 
     result = await runtime.store.run(store_key)
     store.invalidate_tenant(tenant_id)
     return JSONResponse(result)
+
+
+def remove_openai_key(session: Session, actor: audit.Actor, tenant_id: str) -> bool:
+    """Remove the tenant's stored key (idempotent); True if there was one (then audited)."""
+    tenant = get_tenant_or_404(session, tenant_id)
+    if tenant.openai_api_key_encrypted is None:
+        return False
+    audit.record(session, actor, tenant_id, "openai_key.removed", tenant.openai_key_hint)
+    now = utcnow()
+    tenant.openai_api_key_encrypted = None
+    tenant.openai_key_status = "none"
+    tenant.openai_key_hint = None
+    tenant.openai_key_validated_at = None
+    tenant.openai_key_updated_at = now
+    tenant.updated_at = now
+    session.commit()
+    return True
 
 
 async def delete_openai_key(request: Request) -> Response:
@@ -146,18 +175,7 @@ async def delete_openai_key(request: Request) -> Response:
 
     def work() -> None:
         with store.session() as s:
-            tenant = get_tenant_or_404(s, tenant_id)
-            if tenant.openai_api_key_encrypted is None:
-                return
-            audit.record(s, actor, tenant_id, "openai_key.removed", tenant.openai_key_hint)
-            now = utcnow()
-            tenant.openai_api_key_encrypted = None
-            tenant.openai_key_status = "none"
-            tenant.openai_key_hint = None
-            tenant.openai_key_validated_at = None
-            tenant.openai_key_updated_at = now
-            tenant.updated_at = now
-            s.commit()
+            remove_openai_key(s, actor, tenant_id)
 
     await store.run(work)
     store.invalidate_tenant(tenant_id)

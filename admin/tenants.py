@@ -95,14 +95,18 @@ async def create_tenant(request: Request) -> Response:
     )
 
 
+def tenant_rows(session: Session) -> list[Tenant]:
+    """Every tenant, oldest first."""
+    return list(session.exec(select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id))))
+
+
 async def list_tenants(request: Request) -> Response:
     await authorize(request)
     store = runtime_of(request).store
 
     def work() -> list[dict[str, object]]:
         with store.session() as s:
-            rows = s.exec(select(Tenant).order_by(col(Tenant.created_at), col(Tenant.id))).all()
-            return [tenant_public(t) for t in rows]
+            return [tenant_public(t) for t in tenant_rows(s)]
 
     return JSONResponse({"data": await store.run(work)})
 
@@ -119,6 +123,30 @@ async def get_tenant(request: Request) -> Response:
     return JSONResponse(await store.run(work))
 
 
+def update_tenant_row(
+    session: Session, actor: audit.Actor, tenant_id: str, body: TenantUpdate
+) -> Tenant:
+    """Apply the fields given in `body`; audit and commit only what changed (also the CLI's)."""
+    tenant = get_tenant_or_404(session, tenant_id)
+    changes = body.model_dump(exclude_none=True, exclude={"policy"})
+    changed = False
+    if any(getattr(tenant, k) != v for k, v in changes.items()):
+        for k, v in changes.items():
+            setattr(tenant, k, v)
+        audit.record(session, actor, tenant_id, "tenant.updated")
+        changed = True
+    if "policy" in body.model_fields_set:
+        stored = policy.dump(body.policy)
+        if stored != tenant.policy:
+            tenant.policy = stored
+            audit.record(session, actor, tenant_id, "policy.updated")
+            changed = True
+    if changed:
+        tenant.updated_at = utcnow()
+        session.commit()
+    return tenant
+
+
 async def update_tenant(request: Request) -> Response:
     actor = await authorize(request)
     body: TenantUpdate = await read_body(request, TenantUpdate)
@@ -127,28 +155,23 @@ async def update_tenant(request: Request) -> Response:
 
     def work() -> dict[str, object]:
         with runtime.store.session() as s:
-            tenant = get_tenant_or_404(s, tenant_id)
-            changes = body.model_dump(exclude_none=True, exclude={"policy"})
-            changed = False
-            if any(getattr(tenant, k) != v for k, v in changes.items()):
-                for k, v in changes.items():
-                    setattr(tenant, k, v)
-                audit.record(s, actor, tenant_id, "tenant.updated")
-                changed = True
-            if "policy" in body.model_fields_set:
-                stored = policy.dump(body.policy)
-                if stored != tenant.policy:
-                    tenant.policy = stored
-                    audit.record(s, actor, tenant_id, "policy.updated")
-                    changed = True
-            if changed:
-                tenant.updated_at = utcnow()
-                s.commit()
-            return tenant_public(tenant)
+            return tenant_public(update_tenant_row(s, actor, tenant_id, body))
 
     result = await runtime.store.run(work)
     runtime.store.invalidate_tenant(tenant_id)
     return JSONResponse(result)
+
+
+def delete_tenant_row(session: Session, actor: audit.Actor, tenant_id: str) -> None:
+    """Delete a tenant, its proxy keys, stored key and allowance; audited (also the CLI's)."""
+    tenant = get_tenant_or_404(session, tenant_id)
+    for key in session.exec(select(ProxyKey).where(ProxyKey.tenant_id == tenant_id)).all():
+        session.delete(key)
+    audit.record(session, actor, tenant_id, "tenant.deleted", tenant.openai_key_hint)
+    # Its trial allowance goes with it (a tenant re-created under the id starts afresh).
+    session.execute(delete(TrialAllowance).where(col(TrialAllowance.tenant_id) == tenant_id))
+    session.delete(tenant)
+    session.commit()
 
 
 async def delete_tenant(request: Request) -> Response:
@@ -158,19 +181,22 @@ async def delete_tenant(request: Request) -> Response:
 
     def work() -> None:
         with runtime.store.session() as s:
-            tenant = get_tenant_or_404(s, tenant_id)
-            for key in s.exec(select(ProxyKey).where(ProxyKey.tenant_id == tenant_id)).all():
-                s.delete(key)
-            audit.record(s, actor, tenant_id, "tenant.deleted", tenant.openai_key_hint)
-            # Its trial allowance goes with it (a tenant re-created under the id starts afresh).
-            s.execute(delete(TrialAllowance).where(col(TrialAllowance.tenant_id) == tenant_id))
-            s.delete(tenant)
-            s.commit()
+            delete_tenant_row(s, actor, tenant_id)
 
     await runtime.store.run(work)
     runtime.store.invalidate_tenant(tenant_id)
     runtime.store.invalidate_keys()
     return Response(status_code=204)
+
+
+def issue_api_key_row(
+    session: Session, actor: audit.Actor, tenant_id: str, spec: ApiKeyCreate
+) -> tuple[ProxyKey, str]:
+    """Issue and commit another proxy key for the tenant; the plaintext is shown once."""
+    get_tenant_or_404(session, tenant_id)
+    row, plaintext = _issue_key(session, actor, tenant_id, spec)
+    session.commit()
+    return row, plaintext
 
 
 async def issue_api_key(request: Request) -> Response:
@@ -181,13 +207,22 @@ async def issue_api_key(request: Request) -> Response:
 
     def work() -> tuple[ProxyKey, str]:
         with store.session() as s:
-            get_tenant_or_404(s, tenant_id)
-            row, plaintext = _issue_key(s, actor, tenant_id, body)
-            s.commit()
-            return row, plaintext
+            return issue_api_key_row(s, actor, tenant_id, body)
 
     row, plaintext = await store.run(work)
     return JSONResponse({**api_key_public(row), "api_key": plaintext}, status_code=201)
+
+
+def api_key_rows(session: Session, tenant_id: str) -> list[ProxyKey]:
+    """The tenant's proxy keys that are not revoked, oldest first (404 for no tenant)."""
+    get_tenant_or_404(session, tenant_id)
+    return list(
+        session.exec(
+            select(ProxyKey)
+            .where(ProxyKey.tenant_id == tenant_id, col(ProxyKey.revoked_at).is_(None))
+            .order_by(col(ProxyKey.created_at), col(ProxyKey.id))
+        )
+    )
 
 
 async def list_api_keys(request: Request) -> Response:
@@ -198,13 +233,7 @@ async def list_api_keys(request: Request) -> Response:
 
     def work() -> list[dict[str, object]]:
         with store.session() as s:
-            get_tenant_or_404(s, tenant_id)
-            rows = s.exec(
-                select(ProxyKey)
-                .where(ProxyKey.tenant_id == tenant_id, col(ProxyKey.revoked_at).is_(None))
-                .order_by(col(ProxyKey.created_at), col(ProxyKey.id))
-            ).all()
-            return [api_key_public(k) for k in rows]
+            return [api_key_public(k) for k in api_key_rows(s, tenant_id)]
 
     return JSONResponse({"data": await store.run(work)})
 
@@ -253,6 +282,18 @@ def _differs(stored: object, new: object) -> bool:
     return stored != new
 
 
+def revoke_api_key_row(session: Session, actor: audit.Actor, tenant_id: str, key_id: str) -> None:
+    """Revoke one of the tenant's proxy keys (idempotent; audited once)."""
+    get_tenant_or_404(session, tenant_id)
+    row = session.get(ProxyKey, key_id)
+    if row is None or row.tenant_id != tenant_id:
+        raise NotFound("No such proxy key for this tenant.")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        audit.record(session, actor, tenant_id, "api_key.revoked", key_id)
+        session.commit()
+
+
 async def revoke_api_key(request: Request) -> Response:
     actor = await authorize(request)
     store = runtime_of(request).store
@@ -261,18 +302,20 @@ async def revoke_api_key(request: Request) -> Response:
 
     def work() -> None:
         with store.session() as s:
-            get_tenant_or_404(s, tenant_id)
-            row = s.get(ProxyKey, key_id)
-            if row is None or row.tenant_id != tenant_id:
-                raise NotFound("No such proxy key for this tenant.")
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
-                audit.record(s, actor, tenant_id, "api_key.revoked", key_id)
-                s.commit()
+            revoke_api_key_row(s, actor, tenant_id, key_id)
 
     await store.run(work)
     store.invalidate_keys()
     return Response(status_code=204)
+
+
+def audit_events(session: Session, tenant_id: str, limit: int) -> list[dict[str, object]]:
+    """The tenant's audit events, newest first; they outlive a deleted tenant, so
+    404 only when there never was one."""
+    events = audit.list_events(session, tenant_id, limit)
+    if not events and session.get(Tenant, tenant_id) is None:
+        raise NotFound("No such tenant.")
+    return events
 
 
 async def list_audit(request: Request) -> Response:
@@ -286,10 +329,6 @@ async def list_audit(request: Request) -> Response:
 
     def work() -> list[dict[str, object]]:
         with store.session() as s:
-            events = audit.list_events(s, tenant_id, limit)
-            # Events outlive a deleted tenant: 404 only when there never was one.
-            if not events and s.get(Tenant, tenant_id) is None:
-                raise NotFound("No such tenant.")
-            return events
+            return audit_events(s, tenant_id, limit)
 
     return JSONResponse({"data": await store.run(work)})

@@ -66,14 +66,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_up(url: str, timeout: float = 20) -> None:
+def wait_up(url: str, timeout: float = 180) -> None:
+    """Poll `url` until it answers: one client for every poll, spaced out as the wait
+    grows (a busy machine can take many seconds to start a server)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(url, timeout=1)
-            return
-        except httpx.TransportError:
-            time.sleep(0.05)
+    pause = 0.01
+    with httpx.Client(timeout=5) as client:
+        while time.monotonic() < deadline:
+            try:
+                client.get(url)
+                return
+            except httpx.TransportError:
+                time.sleep(pause)
+                pause = min(pause * 1.5, 0.25)
     raise TimeoutError(url)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
 import itertools
 import json
 import logging
@@ -21,15 +20,17 @@ from contextlib import asynccontextmanager
 from starlette.concurrency import run_in_threadpool
 
 from admin.app import create_admin_app
+from proxy import credentials, security
 from proxy.asgi import Message, Receive, Scope, Send, send_error, send_json
 from proxy.auth_limit import FailedAuthLimit
 from proxy.config import Config, load_config
 from proxy.errors import NotFound, ServiceUnavailable, StoreUnavailable, Unauthorized
 from proxy.forward import Forwarder
+from proxy.logs import REQUEST_ID
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.ratelimit import RateLimiter
+from proxy.replicas import Heartbeat
 from proxy.runtime import Runtime
-from proxy.security import Vault
 from proxy.spend import SpendControl
 from proxy.store import Store, migrate
 from proxy.upstream import make_client
@@ -70,6 +71,13 @@ class ByokApp:
     async def lifespan(self) -> AsyncIterator[Runtime]:
         """Build the runtime (database, clients) and tear it down."""
         config = self.config
+        unserved = credentials.fallback_without_platform_key(config)
+        if unserved:
+            log.warning(
+                "tier(s) %s fall back to the platform key, but PLATFORM_OPENAI_KEY is not set: "
+                "their tenants without a key of their own get 402 openai_key_missing",
+                ", ".join(unserved),
+            )
         store = Store.connect(config.database_url, config.cache_ttl_seconds, config.database)
         await run_in_threadpool(migrate, store.engine)
         upstream_client = make_client(config.upstream)
@@ -91,7 +99,7 @@ class ByokApp:
         runtime = Runtime(
             config=config,
             store=store,
-            vault=Vault(config.keyring, store.load_ciphertext),
+            vault=security.Vault(config.keyring, store.load_ciphertext),
             usage_log=usage_log,
             metrics=metrics,
             auth_limit=FailedAuthLimit(
@@ -100,9 +108,12 @@ class ByokApp:
             spend=spend,
         )
         flusher = asyncio.create_task(spend.run())
+        heartbeat = Heartbeat(store, config.keyring)  # rotate-keys reads it
+        await heartbeat.start()
         self.forwarder = Forwarder(runtime, upstream_client)
         self.runtime = runtime
         self.admin.state.runtime = runtime
+        security.configure(runtime.vault)  # the seed's module-level functions use it
         # Startup objects are long-lived: keep them out of every collection.
         gc.collect()
         gc.freeze()
@@ -110,12 +121,14 @@ class ByokApp:
             yield runtime
         finally:
             self.runtime = None
+            security.unconfigure(runtime.vault)
             await self.forwarder.drain()
             await spend.aclose()
             await flusher
             await upstream_client.close()
             await runtime.aclose()
             await usage_log.close()
+            await heartbeat.aclose()
             store.dispose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -127,8 +140,8 @@ class ByokApp:
                 message = await receive()
                 assert message["type"] == "lifespan.shutdown"
         except BaseException as exc:
-            log.error("startup failed: %s", exc)
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            # uvicorn logs the message (once, without a traceback) and exits.
+            await send({"type": "lifespan.startup.failed", "message": f"startup failed: {exc}"})
             raise
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -140,6 +153,7 @@ class ByokApp:
         if kind != "http":
             return
         request_id = self.new_request_id()
+        REQUEST_ID.set(request_id)  # log lines of this request carry it
         rid_header = (REQUEST_ID_HEADER, request_id.encode())
         path: str = scope["path"]
         if path.startswith("/v1/") and self.forwarder is not None and self.serve_proxy:
@@ -169,9 +183,8 @@ class ByokApp:
     async def _metrics(self, scope: Scope, send: Send) -> None:
         assert self.runtime is not None
         if self.config.metrics_require_auth:
-            expected = b"Bearer " + self.config.admin_token.reveal().encode()
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, expected):
+            given = security.bearer_token(dict(scope["headers"]).get(b"authorization", b""))
+            if given is None or not security.tokens_equal(given, self.config.admin_token.reveal()):
                 await send_error(send, Unauthorized("GET /metrics needs the admin token."))
                 return
         # Off the loop: a large page takes a while to render, and requests must not wait.

@@ -15,6 +15,11 @@ ACTIONS = (
     "openai_key.removed",
     "openai_key.invalidated",
     "openai_key.rotated",
+    "openai_key.rejected.format",  # a refused registration: why (admin/keys.py REJECTIONS)
+    "openai_key.rejected.invalid",
+    "openai_key.rejected.no_credit",
+    "openai_key.rejected.forbidden",
+    "openai_key.rejected.unverified",
     "api_key.issued",
     "api_key.revoked",
     "api_key.updated",

@@ -1,47 +1,56 @@
 """The `byok-proxy` command: parses arguments and hands over; no logic of its own.
 
-byok-proxy serve [--host H] [--port P] [--workers N] [--config F] [--dev]
-byok-proxy gen-key [--admin-token]
-byok-proxy rotate-keys [--config F]
-byok-proxy tenants create --name N --tier T [--id ID]
+Commands: serve, migrate, gen-key, rotate-keys, tenants (create, list, show,
+update, delete, set-key, remove-key), keys (issue, list, revoke), audit, usage.
+`byok-proxy COMMAND --help` describes each. Exit codes are the same for all
+(`proxy.cli_output`): 0 done, 1 the operation failed, 2 usage or configuration error.
+
+Imports are lazy: `--help` and `gen-key` load neither the app, SQLAlchemy nor
+aiohttp, and `serve` loads only what serving needs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import multiprocessing
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from typing import TYPE_CHECKING
 
-from proxy.config import Config, ConfigError, load_config
-from proxy.security import generate_master_key
+from admin import cli_keys, cli_tenants
+from proxy import cli_usage
+from proxy.cli_args import Parser, Version, about, common, positive_int
+from proxy.cli_context import ADMIN_TOKEN, ENCRYPTION_KEY, command_config
+from proxy.cli_output import CommandFailed, note
+from proxy.config import ConfigError
+
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 
-def _config(args: argparse.Namespace, dev: bool = False) -> Config:
-    try:
-        return load_config(args.config, dev=dev)
-    except ConfigError as exc:
-        print(f"byok-proxy: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+def _config(
+    args: argparse.Namespace, dev: bool = False, needs: Collection[str] = (ENCRYPTION_KEY,)
+) -> Config:
+    """The command's Config (`proxy.cli_context`); a bad one ends the command with exit 2."""
+    return command_config(args, needs, dev=dev)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, fmt: str = "text") -> dict[str, object]:
+    """Configure this process's logging (proxy.logs); return it for uvicorn's `log_config`,
+    which applies it in every worker too."""
+    from proxy.logs import setup
+
+    return setup(level, fmt)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from proxy.server import protocol_class, run
 
-    from proxy.server import protocol_class
-
-    config = _config(args, dev=args.dev)
-    _setup_logging(config.log_level)
+    config = _config(args, dev=args.dev, needs=(ENCRYPTION_KEY, ADMIN_TOKEN))
+    log_config = _setup_logging(config.log_level, config.log_format)
     if args.dev:
         print(
             "byok-proxy: DEV MODE. Generated secrets live in ./.byok/ (owner-only); "
@@ -80,13 +89,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             daemon=True,
         )
         admin.start()
-    uvicorn.run(
+    run(  # uvicorn.run, with SIGHUP reopening the usage log in every worker
         "proxy.app:create_app_from_env",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
         log_level=config.log_level.lower(),
+        log_config=log_config,
         timeout_graceful_shutdown=int(config.shutdown_timeout_seconds),
         server_header=False,
         date_header=False,
@@ -135,8 +145,8 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
 def cmd_migrate(args: argparse.Namespace) -> int:
     from proxy.store import make_engine, migrate
 
-    config = _config(args, dev=os.environ.get("BYOK_DEV") == "1")
-    _setup_logging(config.log_level)
+    config = _config(args, dev=args.dev or os.environ.get("BYOK_DEV") == "1", needs=())
+    _setup_logging(config.log_level, config.log_format)
     engine = make_engine(config.database_url)
     try:
         migrate(engine)
@@ -146,140 +156,156 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_gen_key(args: argparse.Namespace) -> int:
-    if args.admin_token:
-        print("adm-" + secrets.token_urlsafe(32))
-    else:
-        print(generate_master_key())
+    from proxy.security import generate_admin_token, generate_master_key
+
+    print(generate_admin_token() if args.admin_token else generate_master_key())
     return 0
 
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
-    from proxy.rotation import rotate_all
+    from proxy.rotation import run_rotate_keys
     from proxy.store import Store, migrate
 
+    if args.batch_size < 1:
+        print("byok-proxy: --batch-size must be at least 1", file=sys.stderr)
+        return 2
     config = _config(args)
     _setup_logging(config.log_level)
     store = Store.connect(config.database_url)
-    migrate(store.engine)
-    report = rotate_all(store, config.keyring)
-    print(
-        f"rotate-keys: {report.rotated} re-encrypted, {report.current} already current, "
-        f"{report.failed} failed (primary key id {config.keyring.primary_kid})"
-    )
-    if report.remaining:
-        print(
-            f"rotate-keys: {report.remaining} stored key(s) are still under an old master key "
-            "(undecryptable, or written meanwhile by a replica without the new key). Keep the "
-            "old key in ENCRYPTION_KEY; restart every replica with the new key first, then "
-            "re-run rotate-keys.",
-            file=sys.stderr,
+    try:
+        migrate(store.engine)
+        return run_rotate_keys(
+            store,
+            config.keyring,
+            force=args.force,
+            batch_size=args.batch_size,
+            out=sys.stdout,
+            err=sys.stderr,
         )
-    return 0 if report.complete else 1
-
-
-def cmd_tenants_create(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from admin.schemas import TenantCreate
-    from admin.tenants import create_tenant_row
-    from proxy.audit import SYSTEM
-    from proxy.errors import ProxyError
-    from proxy.store import Store, migrate
-
-    try:
-        TenantCreate(name=args.name, tier=args.tier, id=args.id)
-    except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        print(f"byok-proxy: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
-        return 2
-    config = _config(args)
-    store = Store.connect(config.database_url)
-    migrate(store.engine)
-    try:
-        with store.session() as s:
-            tenant, _key, plaintext = create_tenant_row(s, SYSTEM, args.name, args.tier, args.id)
-    except ProxyError as exc:
-        print(f"byok-proxy: {exc.message}", file=sys.stderr)
-        return 1
-    print(f"tenant {tenant.id} ({tenant.tier}) created.")
-    print(f"proxy key (shown once): {plaintext}")
-    return 0
-
-
-def cmd_usage(args: argparse.Namespace) -> int:
-    from proxy.usage import GROUPS, format_table, summarise
-
-    by = [g.strip() for g in args.by.split(",") if g.strip()]
-    unknown = [g for g in by if g not in GROUPS]
-    if unknown or not by:
-        print(f"byok-proxy: --by takes a comma list of {', '.join(GROUPS)}", file=sys.stderr)
-        return 2
-    try:
-        with open(args.logfile, encoding="utf-8") as fh:
-            rows, skipped = summarise(fh, by, args.since)
-    except OSError as exc:
-        print(f"byok-proxy: cannot read {args.logfile}: {exc.strerror}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps({"rows": rows, "skipped_lines": skipped}, indent=2))
-    else:
-        print(format_table(rows, by))
-        if skipped:
-            print(f"({skipped} unreadable lines skipped)", file=sys.stderr)
-    return 0
+    finally:
+        store.dispose()
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="byok-proxy", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(
+        prog="byok-proxy",
+        description=about(
+            """
+            byok-proxy: a multi-tenant OpenAI-compatible proxy where each tenant brings its
+            own OpenAI key. `byok-proxy COMMAND --help` describes a command.
 
-    serve = sub.add_parser("serve", help="run the proxy and admin API")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--workers", type=int, default=1)
-    serve.add_argument("--config", default=None, help="config.yaml path (default $BYOK_CONFIG)")
+            Exit codes (every command): 0 done; 1 the operation failed (not found,
+            already exists, refused by OpenAI, a database error); 2 usage or
+            configuration error (a bad option or value, a missing or malformed
+            setting, a database that cannot be opened); 130 interrupted.
+            """
+        ),
+    )
+    parser.add_argument("--version", action=Version, help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    database, as_json = common()
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the proxy and the admin API",
+        description=about(
+            """
+            Run the proxy (/v1), the admin API (/api/v1), /healthz, /readyz and /metrics
+            on one port (the admin API on its own port if config.yaml sets admin.port).
+            The database schema is migrated first. ENCRYPTION_KEY and ADMIN_TOKEN must be
+            set, except with --dev, which makes them once into ./.byok/ and prints the
+            admin token: for a first try on your machine, never for production.
+            """
+        ),
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on")
     serve.add_argument(
-        "--dev",
-        action="store_true",
-        help="generate missing secrets into ./.byok (not for production)",
+        "--workers", type=positive_int, default=1, help="worker processes (1 or more)"
+    )
+    serve.add_argument("--config", default=None)
+    serve.add_argument(
+        "--dev", action="store_true", help="make missing secrets into ./.byok/ (not for production)"
     )
     serve.set_defaults(func=cmd_serve)
 
-    gen = sub.add_parser("gen-key", help="print a new ENCRYPTION_KEY (or ADMIN_TOKEN)")
+    gen = sub.add_parser(
+        "gen-key",
+        help="print a new ENCRYPTION_KEY (or ADMIN_TOKEN)",
+        description=about(
+            """
+            Print a fresh random secret on stdout: a Fernet master key for ENCRYPTION_KEY,
+            or with --admin-token a token for ADMIN_TOKEN. Nothing is stored; keep the
+            value in your secret store (an ENCRYPTION_KEY that is lost makes every stored
+            OpenAI key unreadable).
+            """
+        ),
+    )
     gen.add_argument("--admin-token", action="store_true", help="print an admin token instead")
     gen.set_defaults(func=cmd_gen_key)
 
-    migrate = sub.add_parser("migrate", help="bring the database schema up to date")
-    migrate.add_argument("--config", default=None)
+    migrate = sub.add_parser(
+        "migrate",
+        parents=[database],
+        help="bring the database schema up to date",
+        description=about(
+            """
+            Bring the database schema (DATABASE_URL) up to the version this release needs.
+            Safe to run again, and while replicas serve; `serve` runs it on its own at
+            startup, so you need it only to migrate ahead of a deployment.
+            """
+        ),
+    )
     migrate.set_defaults(func=cmd_migrate)
 
     rotate = sub.add_parser("rotate-keys", help="re-encrypt every stored key under the first key")
     rotate.add_argument("--config", default=None)
-    rotate.set_defaults(func=cmd_rotate_keys)
-
-    tenants = sub.add_parser("tenants", help="manage tenants")
-    tsub = tenants.add_subparsers(dest="tenants_command", required=True)
-    create = tsub.add_parser("create", help="create a tenant; prints its proxy key once")
-    create.add_argument("--name", required=True)
-    create.add_argument("--tier", required=True, choices=["trial", "pro", "enterprise"])
-    create.add_argument("--id", default=None)
-    create.add_argument("--config", default=None)
-    create.set_defaults(func=cmd_tenants_create)
-    usage = sub.add_parser("usage", help="summarise a usage log per tenant and model")
-    usage.add_argument("logfile")
-    usage.add_argument("--since", default=None, help="ISO date or time (UTC), e.g. 2026-11-01")
-    usage.add_argument(
-        "--by", default="tenant,model", help="comma list of: tenant, model, day, path, key_source"
+    rotate.add_argument(
+        "--force",
+        action="store_true",
+        help="go ahead although a running replica cannot decrypt the first key "
+        "(its requests will fail) (default: refuse)",
     )
-    usage.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    usage.set_defaults(func=cmd_usage)
+    rotate.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        help="tenants re-encrypted per transaction (default: 500)",
+    )
+    rotate.set_defaults(func=cmd_rotate_keys)
+    rotate.description = about(
+        """
+        Re-encrypt every stored OpenAI key under the first key of ENCRYPTION_KEY
+        (ENCRYPTION_KEY=new,old). Run it only once every running replica has the new
+        key: it refuses, naming the replicas, while a live one lacks it (unless
+        --force). It never prompts, is safe to re-run after a crash, and audits each
+        key it re-encrypts. The README's "Key vault" section has the whole runbook.
+        """
+    )
+
+    cli_tenants.add_commands(sub, [database], [database, as_json])
+    cli_keys.add_commands(sub, [database], [database, as_json])
+    cli_usage.add_command(sub, [as_json])
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `byok-proxy` console script."""
     args = _parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except ConfigError as exc:  # raised past loading too (e.g. the database URL): one line
+        print(f"byok-proxy: {exc}", file=sys.stderr)
+        return 2
+    except CommandFailed as exc:
+        note(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        note("interrupted")
+        return 130
+    except BrokenPipeError:  # `byok-proxy ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return result
 
 

@@ -10,21 +10,25 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
 
-from proxy.security import Keyring, Secret, generate_master_key
+from proxy.client_address import TrustedProxies, parse_networks
+from proxy.keyformat import KeyFormatError, check_openai_key
+from proxy.logs import FORMATS, LEVELS
+from proxy.security import Keyring, Secret, generate_admin_token, generate_master_key
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_DATABASE_URL = "sqlite:///./byok.db"
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024  # JSON bodies, read whole
+# Streamed uploads: OpenAI takes files up to 512 MB; one more MiB for the form around one.
+DEFAULT_MAX_UPLOAD_BYTES = 513 * 1024 * 1024
 MIN_ADMIN_TOKEN_LENGTH = 32
 DEV_STATE_DIR = ".byok"
 
@@ -88,11 +92,12 @@ class PlatformKeyPolicy:
         return False
 
 
-DEFAULT_TIERS = {
-    "trial": TierPolicy(platform_fallback=True),
-    "pro": TierPolicy(),
-    "enterprise": TierPolicy(),
-}
+# The tenant tiers, defined here only: the admin schemas, the CLI and `tiers:` use these.
+Tier = Literal["trial", "pro", "enterprise"]
+TIER_NAMES: tuple[str, ...] = get_args(Tier)
+
+# By default only the trial tier may fall back to the platform key.
+DEFAULT_TIERS = {name: TierPolicy(platform_fallback=name == "trial") for name in TIER_NAMES}
 
 
 @dataclass(frozen=True)
@@ -153,11 +158,14 @@ class Config:
     platform_openai_key: Secret | None = None
     usage_log: str = "-"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    trusted_proxies: TrustedProxies = field(default_factory=TrustedProxies)
     failed_auth_per_minute: int = 60  # per client address; 0 turns the limit off
     cache_ttl_seconds: float = 5.0
     tiers: Mapping[str, TierPolicy] = field(default_factory=lambda: dict(DEFAULT_TIERS))
     platform_key: PlatformKeyPolicy = field(default_factory=PlatformKeyPolicy)
     log_level: str = "INFO"
+    log_format: str = "text"  # text or json (proxy.logs)
     metrics_require_auth: bool = False
     admin_host: str | None = None
     admin_port: int | None = None
@@ -190,9 +198,12 @@ def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
             raise ConfigError(f"config file {path} does not exist (set BYOK_CONFIG or --config)")
         return {}
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        why = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"config file {path} cannot be read ({why}); check BYOK_CONFIG") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}".splitlines()[0]) from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     top = {
@@ -205,11 +216,13 @@ def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
         "tiers",
         "platform_key",
         "log",
+        "logging",
         "metrics",
         "admin",
         "server",
         "rate_limits",
         "prices",
+        "trusted_proxies",
     }
     unknown = set(raw) - top
     if unknown:
@@ -291,8 +304,9 @@ def load_config(
             "max_connections",
         },
     )
-    limits = _section(raw, "limits", {"max_body_bytes", "failed_auth_per_minute"})
-    log = _section(raw, "log", {"level"})
+    limits = _section(
+        raw, "limits", {"max_body_bytes", "max_upload_bytes", "failed_auth_per_minute"}
+    )
     metrics = _section(raw, "metrics", {"require_admin_token"})
     admin = _section(raw, "admin", {"host", "port"})
     server = _section(raw, "server", {"shutdown_timeout_seconds"})
@@ -321,7 +335,7 @@ def load_config(
     if dev and not enc:
         enc = _dev_secret(state, "encryption_key", generate_master_key)
     if dev and not token:
-        token = _dev_secret(state, "admin_token", lambda: "adm-" + secrets.token_urlsafe(32))
+        token = _dev_secret(state, "admin_token", generate_admin_token)
     if not enc:
         raise ConfigError(
             "ENCRYPTION_KEY is not set; make one with `byok-proxy gen-key` (or use `serve --dev`)"
@@ -366,16 +380,13 @@ def load_config(
         _section(raw, "platform_key", {"allowed_endpoints", "default_output_tokens"})
     )
 
-    level = str(log.get("level", "INFO")).upper()
-    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(
-            f"config.yaml: log.level must be DEBUG, INFO, WARNING or ERROR, got {level!r}"
-        )
+    level, log_format = _logging_settings(raw, env)
     platform = (env.get("PLATFORM_OPENAI_KEY") or "").strip()
-    if platform and not re.fullmatch(r"[A-Za-z0-9_-]{20,512}", platform):
-        raise ConfigError(
-            "PLATFORM_OPENAI_KEY is malformed: expected 20 to 512 characters of [A-Za-z0-9_-]"
-        )
+    if platform:
+        try:
+            check_openai_key(platform)  # the rule a tenant's key is held to
+        except KeyFormatError as exc:
+            raise ConfigError(f"PLATFORM_OPENAI_KEY is malformed: {exc}") from None
     admin_port = admin.get("port")
     from proxy.prices import load_prices  # here: proxy.prices imports this module
 
@@ -386,10 +397,14 @@ def load_config(
         database=database,
         upstream=upstream,
         platform_openai_key=Secret(platform) if platform else None,
-        usage_log=env.get("USAGE_LOG") or raw.get("usage_log") or "-",
+        usage_log=_typed(env.get("USAGE_LOG") or raw.get("usage_log") or "-", str, "usage_log"),
         max_body_bytes=_typed(
             limits.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), int, "limits.max_body_bytes"
         ),
+        max_upload_bytes=_typed(
+            limits.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES), int, "limits.max_upload_bytes"
+        ),
+        trusted_proxies=_trusted_proxies(raw.get("trusted_proxies"), env),
         failed_auth_per_minute=_typed(
             limits.get("failed_auth_per_minute", 60), int, "limits.failed_auth_per_minute"
         ),
@@ -397,10 +412,11 @@ def load_config(
         tiers=tiers,
         platform_key=platform_key,
         log_level=level,
+        log_format=log_format,
         metrics_require_auth=_typed(
             metrics.get("require_admin_token", False), bool, "metrics.require_admin_token"
         ),
-        admin_host=admin.get("host"),
+        admin_host=_typed(admin.get("host"), str, "admin.host") if admin.get("host") else None,
         admin_port=_typed(admin_port, int, "admin.port") if admin_port is not None else None,
         rate_limits=rate_limits,
         prices=load_prices(raw.get("prices")),
@@ -454,3 +470,42 @@ def _platform_key_policy(section: Mapping[str, Any]) -> PlatformKeyPolicy:
     if output < 0:
         raise ConfigError("config.yaml: platform_key.default_output_tokens must be >= 0")
     return PlatformKeyPolicy(tuple(endpoints), output)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """What is wrong and where (1-based line and column), on one line."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
+
+def _trusted_proxies(listed: Any, env: Mapping[str, str]) -> TrustedProxies:
+    """`TRUSTED_PROXIES` (comma-separated) or `trusted_proxies:` (a list of CIDRs)."""
+    if "TRUSTED_PROXIES" in env:
+        entries = [e for e in env["TRUSTED_PROXIES"].split(",") if e.strip()]
+        where = "TRUSTED_PROXIES"
+    else:
+        listed = [] if listed is None else listed
+        if not isinstance(listed, list) or not all(isinstance(e, str) for e in listed):
+            raise ConfigError("config.yaml: 'trusted_proxies' must be a list of CIDRs (strings)")
+        entries, where = listed, "config.yaml: trusted_proxies"
+    try:
+        return TrustedProxies(parse_networks(entries))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc} (e.g. 10.0.0.0/8 or 2001:db8::/32)") from None
+
+
+def _logging_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, str]:
+    """(level, format): LOG_LEVEL / LOG_FORMAT, else `logging:`, else the older `log.level`."""
+    section = _section(raw, "logging", {"level", "format"})
+    older = _section(raw, "log", {"level"})
+    level = str(env.get("LOG_LEVEL") or section.get("level") or older.get("level") or "INFO")
+    if level.upper() not in LEVELS:
+        raise ConfigError(
+            f"logging.level (or LOG_LEVEL) must be DEBUG, INFO, WARNING or ERROR, got {level!r}"
+        )
+    fmt = str(env.get("LOG_FORMAT") or section.get("format") or "text")
+    if fmt.lower() not in FORMATS:
+        raise ConfigError(f"logging.format (or LOG_FORMAT) must be text or json, got {fmt!r}")
+    return level.upper(), fmt.lower()

@@ -56,12 +56,25 @@ def choose(config: Config, tenant: TenantSnapshot) -> Credential | TierPolicy:
     if tenant.key_status == "invalid":
         raise invalid_key_error(tenant.id)
     policy = config.tiers.get(tenant.tier)
-    if policy is None or not policy.platform_fallback or config.platform_openai_key is None:
+    if policy is None or not policy.platform_fallback:
         raise OpenAIKeyMissing(
             f"Tenant {tenant.id} has no OpenAI API key, and its tier ({tenant.tier}) must bring "
             f"its own. Register one at {register_hint(tenant.id)}."
         )
+    if config.platform_openai_key is None:
+        raise OpenAIKeyMissing(
+            f"Tenant {tenant.id} has no OpenAI API key, and the platform key its tier "
+            f"({tenant.tier}) falls back to is not configured on this proxy. Register your own "
+            f"at {register_hint(tenant.id)}, or ask the operator to set PLATFORM_OPENAI_KEY."
+        )
     return policy
+
+
+def fallback_without_platform_key(config: Config) -> list[str]:
+    """Tiers configured to fall back to the platform key when none is set (warned at start)."""
+    if config.platform_openai_key is not None:
+        return []
+    return sorted(name for name, policy in config.tiers.items() if policy.platform_fallback)
 
 
 def trial_exhausted(tenant: TenantSnapshot, policy: TierPolicy) -> TrialQuotaExceeded:

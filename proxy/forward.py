@@ -59,7 +59,7 @@ from proxy.request_json import (
     read_large,
 )
 from proxy.runtime import Runtime
-from proxy.security import PROXY_KEY_PREFIX
+from proxy.security import PROXY_KEY_PREFIX, bearer_token
 from proxy.server import out_of_descriptors
 from proxy.spend import Admission
 from proxy.streaming import BodyUsage, SSEScanner
@@ -140,12 +140,6 @@ async def _read_capped(response: aiohttp.ClientResponse) -> tuple[bytes, bool]:
     return b"".join(chunks), True
 
 
-def _peer(scope: Scope) -> str | None:
-    """The TCP peer's address (forwarded headers are not trusted)."""
-    client = scope.get("client")
-    return client[0] if client else None
-
-
 async def _inflate_rest(body: BodyUsage) -> None:
     """Scan what a block that inflates big still holds, a step at a time, letting the
     loop run between steps."""
@@ -209,7 +203,7 @@ class Forwarder:
                 reason = f"rate_limit_{exc.type}" if exc.status_code == 429 else exc.code
                 self.runtime.metrics.policy_refused(str(reason))
             elif isinstance(exc, InvalidProxyKey):
-                self.runtime.auth_limit.failed(_peer(scope))
+                self.runtime.auth_limit.failed(self.config.trusted_proxies.client(scope))
             elif isinstance(exc, KeyDecryptionFailed):
                 log.error(
                     "KEY DECRYPTION FAILED for tenant %s (request %s): wrong ENCRYPTION_KEY or "
@@ -255,9 +249,7 @@ class Forwarder:
         has_body = False
         for name, value in scope["headers"]:
             if name == b"authorization":
-                scheme, _, rest = value.partition(b" ")
-                if scheme.lower() == b"bearer":
-                    token = rest.strip().decode("latin-1")
+                token = bearer_token(value)
             elif name == b"content-length":
                 length, has_body = value, True
             elif name == b"content-type":
@@ -268,7 +260,8 @@ class Forwarder:
         if not token or not token.startswith(PROXY_KEY_PREFIX):
             raise InvalidProxyKey()
         guards = self.runtime.auth_limit
-        if guards.over(_peer(scope)) and not self.store.recently_valid(token):
+        client = self.config.trusted_proxies.client(scope)  # the TCP peer unless trusted
+        if guards.over(client) and not self.store.recently_valid(token):
             raise guards.refuse()  # no database lookup for guesses
         principal = await self.store.principal_async(token)
         tenant = await self.store.tenant_async(principal.tenant_id) if principal else None
@@ -283,14 +276,20 @@ class Forwarder:
 
         raw_path = scope.get("raw_path") or scope["path"].encode()
         url = target_url(self.config.upstream.base_url, raw_path, scope.get("query_string", b""))
-        limit = self.config.max_body_bytes
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            raise too_large(limit)
 
         choice = credentials.choose(self.config, tenant)  # the 402s, at once
         on_platform = not isinstance(choice, Credential)
         if on_platform and not self.config.platform_key.allows(scope["method"], raw_path):
             raise platform.not_allowed(tenant.id, scope["method"], scope["path"])
+        # JSON bodies are read whole (model, stream, usage splice); so is every body on the
+        # platform key, which must be a JSON object (`proxy.platform`), and, under a model
+        # allow-list, every body but a multipart upload (its `model` field is read). Those
+        # get the JSON limit; the rest stream through, within the (larger) upload limit.
+        multipart = _is_multipart(content_type)
+        is_json = on_platform or _is_json(content_type) or (restricted and not multipart)
+        limit = self.config.max_body_bytes if is_json else self.config.max_upload_bytes
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            raise too_large(limit)
 
         body: bytes | AsyncIterator[bytes] | None = None
         request: dict[str, Any] | None = None
@@ -299,11 +298,6 @@ class Forwarder:
         strip_usage = False
         streamed_body = False
         if has_body:
-            # JSON bodies are read whole (model, stream, usage splice); so is every body on
-            # the platform key, which must be a JSON object (`proxy.platform`), and, under a
-            # model allow-list, every body but a multipart upload (its `model` field is read).
-            multipart = _is_multipart(content_type)
-            is_json = on_platform or _is_json(content_type) or (restricted and not multipart)
             first = await receive()
             if first["type"] == "http.disconnect":
                 raise ClientGone()

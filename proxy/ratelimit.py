@@ -45,15 +45,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from typing import TYPE_CHECKING, Any
 
 from proxy.config import RateLimitConfig
 from proxy.errors import RateLimiterUnavailable, RateLimitExceeded
+
+if TYPE_CHECKING:  # redis is imported only when REDIS_URL is set (start-up time)
+    import redis.asyncio as aioredis
 
 log = logging.getLogger("byok.ratelimit")
 
@@ -62,7 +60,6 @@ SWEEP_SECONDS = 60.0  # how often the per-process buckets drop those that are em
 REDIS_CONNECTIONS = 50  # per process; more requests at once wait for one
 _MAX_SHAPES = 10_000  # sequences of limits remembered
 BREAKER_SECONDS = 1.0  # after a Redis failure, how long before Redis is tried again
-REDIS_ERRORS = (RedisError, OSError)  # OSError covers TimeoutError and socket errors
 
 Headers = tuple[tuple[bytes, bytes], ...]
 # Per limit, two buckets side by side: [requests, tokens, requests, tokens, ...].
@@ -314,7 +311,14 @@ class RateLimiter:
         self._redis: aioredis.Redis | None = None
         self._healthy = True  # Redis answered last time (or was never tried)
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
+        self._errors: tuple[type[BaseException], ...] = ()  # what a Redis failure raises
         if config.redis_url:
+            import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import RedisError
+
+            self._errors = (RedisError, OSError)  # OSError: timeouts and socket errors
             # No client-side retries: the breaker decides when Redis is tried again. A
             # blocking pool: a burst of requests waits for a connection (as long as a
             # call may take) rather than failing, which would count as Redis down.
@@ -354,7 +358,7 @@ class RateLimiter:
                 outcome = await self._admit_redis(active, caps, costs)
                 in_redis = True
                 self._redis_ok()
-            except REDIS_ERRORS as exc:
+            except self._errors as exc:
                 self._redis_failed(exc)
         if outcome is None:
             if self._redis is not None and not self._config.fail_open:
@@ -431,7 +435,7 @@ class RateLimiter:
         try:
             await self._settle_script(keys=keys, args=args)
             self._redis_ok()
-        except REDIS_ERRORS as exc:
+        except self._errors as exc:
             self._redis_failed(exc)
         except Exception:  # settle runs after the response: never let it raise
             log.exception("rate limiter: settling tokens failed")

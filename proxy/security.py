@@ -1,4 +1,4 @@
-"""The key vault: tenant OpenAI keys encrypted at rest, proxy keys stored as hashes.
+"""The key vault (tenant OpenAI keys encrypted at rest) and the credentials callers present.
 
 Encryption is Fernet (AES-128-CBC with HMAC-SHA256; the 256-bit Fernet key is
 half signing key, half encryption key). Each tenant gets its own Fernet key,
@@ -11,10 +11,19 @@ then ``byok-proxy rotate-keys``) can tell what is left to re-encrypt.
 
 Plaintext keys travel inside `Secret`, whose repr/str never show them; only
 the code that sets the upstream ``Authorization`` header calls `reveal()`.
+
+The seed's functions, `encrypt_openai_key` and `decrypt_openai_key`, are
+module-level (SPEC section 10): they use the process's `Vault`, which the
+composition roots hand over with `configure()` once their configuration is
+loaded (the app in its lifespan, the CLI per command).
+
+Credentials: proxy keys (``byok-``, stored as SHA-256), admin tokens
+(``adm-``), and the one parser of ``Authorization: Bearer`` headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -27,20 +36,30 @@ from cryptography.fernet import Fernet, InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from proxy.errors import KeyDecryptionFailed
+from proxy.errors import KeyDecryptionFailed, OpenAIKeyMissing
 
 __all__ = [
     "Keyring",
     "Secret",
     "Vault",
+    "VaultNotConfigured",
+    "bearer_token",
+    "configure",
+    "decrypt_openai_key",
+    "decrypt_openai_key_async",
+    "encrypt_openai_key",
+    "generate_admin_token",
     "generate_master_key",
     "hash_proxy_key",
     "key_hint",
     "new_proxy_key",
+    "tokens_equal",
+    "unconfigure",
 ]
 
 CIPHERTEXT_VERSION = "v1"
 PROXY_KEY_PREFIX = "byok-"
+ADMIN_TOKEN_PREFIX = "adm-"  # noqa: S105 (a prefix, not a token)
 _HKDF_SALT = b"byok-proxy tenant key v1"
 _MAX_DERIVED = 10_000
 
@@ -194,6 +213,9 @@ class Vault:
         self.keyring = keyring
         self._load = load_ciphertext
 
+    def __repr__(self) -> str:
+        return f"Vault(kids={self.keyring.kids!r})"
+
     def encrypt_openai_key(self, plaintext_key: str | Secret, tenant_id: str) -> str:
         """The ciphertext to store for `tenant_id`."""
         value = plaintext_key.reveal() if isinstance(plaintext_key, Secret) else plaintext_key
@@ -203,13 +225,89 @@ class Vault:
         """The tenant's OpenAI key, for this request only; KeyDecryptionFailed if unreadable."""
         ciphertext = self._load(tenant_id)
         if ciphertext is None:
-            raise LookupError(f"tenant {tenant_id!r} has no stored OpenAI key")
+            raise OpenAIKeyMissing(
+                f"Tenant {tenant_id!r} has no stored OpenAI key (no such tenant, or none "
+                f"registered). Register one at POST /api/v1/tenants/{tenant_id}/openai-key."
+            )
         return self.keyring.decrypt(ciphertext, tenant_id)
+
+
+# --- the seed's functions (SPEC section 10) ---------------------------------------
+
+_vault: Vault | None = None
+
+
+class VaultNotConfigured(RuntimeError):
+    """`encrypt_openai_key` / `decrypt_openai_key` called before `configure()`."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "proxy.security has no vault yet: encrypt_openai_key/decrypt_openai_key work once "
+            "the proxy app has started (its lifespan) or a byok-proxy command has loaded its "
+            "configuration. In your own process, load the config and call "
+            "proxy.security.configure(Vault(config.keyring, store.load_ciphertext)) first."
+        )
+
+
+def configure(vault: Vault) -> None:
+    """Make `vault` the one the module functions use (called by the composition roots).
+
+    Process-wide by design: the seed's functions take no vault argument. The
+    vault holds the keyring and a way to read ciphertexts, never a plaintext.
+    """
+    global _vault
+    _vault = vault
+
+
+def unconfigure(vault: Vault) -> None:
+    """Forget `vault` if it is still the configured one (an app shutting down leaves a
+    newer app's vault alone); the module functions then raise VaultNotConfigured."""
+    global _vault
+    if _vault is vault:
+        _vault = None
+
+
+def _configured() -> Vault:
+    if _vault is None:
+        raise VaultNotConfigured()
+    return _vault
+
+
+def encrypt_openai_key(plaintext_key: str, tenant_id: str) -> str:
+    """The ciphertext to store for `tenant_id` (under the primary master key); stores nothing."""
+    return _configured().encrypt_openai_key(plaintext_key, tenant_id)
+
+
+def decrypt_openai_key(tenant_id: str) -> str:
+    """The tenant's OpenAI key, read from the database and decrypted now; keep it local.
+
+    Synchronous on purpose: callable from plain code (a script, a worker, the
+    CLI) and from a coroutine alike, as the user story calls it; it blocks for
+    one database read. On an event loop that must not block, use
+    `decrypt_openai_key_async`. Nothing is cached: every call reads and decrypts.
+
+    Raises OpenAIKeyMissing (no such tenant or no key), KeyDecryptionFailed
+    (wrong ENCRYPTION_KEY, tampered row, or another tenant's ciphertext) and
+    VaultNotConfigured; no message carries any part of the key.
+    """
+    return _configured().decrypt_openai_key(tenant_id).reveal()
+
+
+async def decrypt_openai_key_async(tenant_id: str) -> str:
+    """`decrypt_openai_key` with its database read in a worker thread, for event loops."""
+    vault = _configured()  # raise here, in the caller's frame, not in the thread
+    secret = await asyncio.to_thread(vault.decrypt_openai_key, tenant_id)
+    return secret.reveal()
 
 
 def new_proxy_key() -> str:
     """A fresh proxy key: ``byok-`` and 256 bits of randomness."""
     return PROXY_KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def generate_admin_token() -> str:
+    """A fresh admin token: ``adm-`` and 256 bits of randomness (gen-key, ``serve --dev``)."""
+    return ADMIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
 def hash_proxy_key(key: str) -> str:
@@ -220,3 +318,15 @@ def hash_proxy_key(key: str) -> str:
 def tokens_equal(a: str, b: str) -> bool:
     """Constant-time string comparison."""
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def bearer_token(authorization: bytes) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header value, or None.
+
+    The one parser of the header (data plane, admin API, /metrics). The scheme
+    is case-insensitive (RFC 9110 section 11.1). Bytes, as ASGI gives headers.
+    """
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() != b"bearer":
+        return None
+    return token.strip().decode("latin-1") or None

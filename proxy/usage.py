@@ -13,12 +13,9 @@ line always stays under 4 KiB and is written whole (`proxy.usage_sink`).
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
-from typing import Any
 
 from proxy.streaming import Usage
 
@@ -102,68 +99,3 @@ def _usd(nanos: int | None) -> str:
 
 def _num(value: float | None) -> str:
     return "null" if value is None else repr(value)
-
-
-# --- summary (`byok-proxy usage LOGFILE`) ----------------------------------------------
-
-GROUPS = ("tenant", "model", "day", "path", "key_source")
-_COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens")
-
-
-def summarise(
-    lines: Iterable[str], by: Sequence[str] = ("tenant", "model"), since: str | None = None
-) -> tuple[list[dict[str, Any]], int]:
-    """Totals per group from usage lines; also the number of unreadable lines skipped.
-
-    `since` is an ISO date or timestamp; earlier lines are left out.
-    """
-    totals: dict[tuple[str, ...], dict[str, int]] = {}
-    skipped = 0
-    for text in lines:
-        if not text.strip():
-            continue
-        try:
-            line = json.loads(text)
-            ts = str(line["ts"])
-        except (ValueError, KeyError, TypeError):
-            skipped += 1
-            continue
-        if since and ts < since:
-            continue
-        fields = {
-            "tenant": line.get("tenant_id") or "-",
-            "model": line.get("model") or "-",
-            "day": ts[:10],
-            "path": line.get("path") or "-",
-            "key_source": line.get("key_source") or "-",
-        }
-        key = tuple(str(fields[g]) for g in by)
-        row = totals.setdefault(key, dict.fromkeys(_COLUMNS, 0))
-        row["requests"] += 1
-        status = line.get("status")
-        if not isinstance(status, int) or status >= 400 or line.get("error_code"):
-            row["errors"] += 1
-        for column in _COLUMNS[2:]:
-            value = line.get(column)
-            if isinstance(value, int):
-                row[column] += value
-    rows = [{**dict(zip(by, key, strict=True)), **row} for key, row in sorted(totals.items())]
-    return rows, skipped
-
-
-def format_table(rows: list[dict[str, Any]], by: Sequence[str]) -> str:
-    """A plain-text table with a total line, numbers right-aligned."""
-    headers = [*by, *_COLUMNS]
-    total = {c: sum(r[c] for r in rows) for c in _COLUMNS}
-    body = [[str(r[h]) if h in by else f"{r[h]:,}" for h in headers] for r in rows]
-    footer = ["TOTAL", *([""] * (len(by) - 1)), *(f"{total[c]:,}" for c in _COLUMNS)]
-    widths = [max(len(h), *(len(row[i]) for row in [*body, footer])) for i, h in enumerate(headers)]
-
-    def fmt(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i < len(by) else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([fmt(headers), rule, *(fmt(r) for r in body), rule, fmt(footer)])

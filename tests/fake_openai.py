@@ -707,7 +707,11 @@ class ServerThread:
         """`like_serve`: uvicorn set up as `byok-proxy serve` does (no Server/Date headers
         of its own); otherwise it adds them, like a real upstream."""
         self.port = port or free_port()
-        extra = {"server_header": False, "date_header": False, "ws": "none"} if like_serve else {}
+        extra = (
+            {"server_header": False, "date_header": False, "ws": "none", "proxy_headers": False}
+            if like_serve
+            else {}
+        )
         config = uvicorn.Config(
             app,
             host="127.0.0.1",
@@ -722,7 +726,7 @@ class ServerThread:
 
     def __enter__(self) -> ServerThread:
         self.thread.start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 180  # generous: a loaded machine starts slowly
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("server did not start")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -23,19 +25,33 @@ def free_port() -> int:
 
 
 def wait_until_up(
-    url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20
+    url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 180
 ) -> None:
-    """Poll `url` until it answers; fail early if `proc` dies."""
+    """Poll `url` until it answers; fail at once if `proc` dies.
+
+    The deadline is generous because a loaded 2-core machine can take many seconds
+    to start a server; a server that is not coming fails through `proc` exiting.
+    Each poll is one stdlib connection (no client object built per poll: that would
+    take CPU from the server being waited for), spaced out as the wait grows."""
+    parts = urlsplit(url)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    pause = 0.01
+    while True:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before answering")
+        conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=5)
         try:
-            httpx.get(url, timeout=1)
+            conn.request("GET", parts.path or "/")
+            conn.getresponse().read()
             return
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {timeout}s")
+        except OSError:  # refused, reset, or not answering yet
+            pass
+        finally:
+            conn.close()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout}s")
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.25)
 
 
 @contextmanager

@@ -13,7 +13,6 @@ import pytest
 import respx
 from helpers import GOOD_KEY, OTHER_KEY, UPSTREAM, admin_headers, bearer
 
-from proxy.app import ByokApp
 from proxy.security import key_hint
 
 ADMIN = admin_headers()
@@ -237,11 +236,12 @@ async def test_register_key(client: httpx.AsyncClient, openai: respx.MockRouter)
     [
         ("pk-abcdefghijklmnopqrstuvwxyz", "starts with 'sk-'"),
         ("sk-admin-abcdefghijklmnopqrstuvwxyz", "admin keys"),
-        ("sk-short", "20 to 512"),
-        ("sk-" + "a" * 600, "20 to 512"),
-        ("sk-abcdefghij klmnopqrstuvwxyz", "letters, digits"),
-        ("sk-abcdefghij\u00e9klmnopqrstuvwxyz", "letters, digits"),
-        ("   ", "starts with 'sk-'"),
+        ("sk-short", "20 to 512 characters long; this one is 8"),
+        ("sk-" + "a" * 600, "20 to 512 characters long; this one is 603"),
+        ("sk-" + "Q" * 5005, "20 to 512 characters long; this one is 5008"),  # was a schema 422
+        ("sk-abcdefghij klmnopqrstuvwxyz", "no spaces or line breaks inside"),
+        ("sk-abcdefghij\u00e9klmnopqrstuvwxyz", "only letters, digits"),
+        ("   ", "is empty"),
     ],
 )
 async def test_register_key_format(
@@ -249,9 +249,10 @@ async def test_register_key_format(
 ) -> None:
     route = openai.get("/models").respond(200, json={"data": []})
     await make_tenant(client, "acme")
-    err = assert_error(await register(client, "acme", key), 422, "invalid_key_format")
+    r = await register(client, "acme", key)
+    err = assert_error(r, 422, "invalid_key_format")
     assert rule in err["message"] and err["param"] == "api_key"
-    assert not key.strip() or key.strip()[4:] not in err["message"]
+    assert not key.strip() or key.strip()[3:11] not in r.text
     assert route.call_count == 0
 
 
@@ -337,7 +338,10 @@ async def test_failed_registration_keeps_previous_key(
 
     after = (await client.get("/api/v1/tenants/acme", headers=ADMIN)).json()
     assert after == before and after["openai_key"]["hint"] == key_hint(GOOD_KEY)
-    assert await audit_actions(client, "acme") == events_before
+    events = await audit_actions(client, "acme")  # newest first: the refusal, audited
+    assert events[1:] == events_before
+    assert events[0]["action"].startswith("openai_key.rejected.")
+    assert events[0]["key_hint"] is None
 
 
 async def test_register_for_unknown_tenant_makes_no_upstream_call(
@@ -493,19 +497,3 @@ async def test_audit_newest_first_and_limit(client: httpx.AsyncClient) -> None:
         r = await client.get(f"/api/v1/tenants/acme/audit?limit={bad}", headers=ADMIN)
         assert assert_error(r, 422, "invalid_request")["param"] == "limit"
     assert_error(await client.get("/api/v1/tenants/ghost/audit", headers=ADMIN), 404, "not_found")
-
-
-async def test_openapi(client: httpx.AsyncClient, app: ByokApp) -> None:
-    assert_error(await client.get("/api/v1/openapi.json"), 401, "unauthorized")
-    r = await client.get("/api/v1/openapi.json", headers=ADMIN)
-    assert r.status_code == 200
-    doc = r.json()
-    assert doc["openapi"].startswith("3.")
-    documented = {(path, method.upper()) for path, ops in doc["paths"].items() for method in ops}
-    routed = {
-        (route.path, method)
-        for route in app.admin.routes
-        for method in (route.methods or ())
-        if method != "HEAD"  # type: ignore[attr-defined]
-    }
-    assert documented == routed

@@ -118,7 +118,9 @@ def test_upstream_timeout(tmp_path: Path, master_key: str) -> None:
 
 
 def test_request_too_large(tmp_path: Path, master_key: str) -> None:
-    with Stack.sqlite(tmp_path, master_key, yaml="limits:\n  max_body_bytes: 2000\n") as stack:
+    with Stack.sqlite(
+        tmp_path, master_key, yaml="limits:\n  max_body_bytes: 2000\n  max_upload_bytes: 2000\n"
+    ) as stack:
         key = stack.tenant("acme")
         client = stack.sdk(key)
         with pytest.raises(openai.APIStatusError) as info:
@@ -231,7 +233,9 @@ def test_accept_encoding_narrowed_to_readable_codings(stack: Stack) -> None:
 def test_chunked_upload_over_the_limit_is_413(tmp_path: Path, master_key: str) -> None:
     import httpx
 
-    with Stack.sqlite(tmp_path, master_key, yaml="limits:\n  max_body_bytes: 100000\n") as stack:
+    with Stack.sqlite(
+        tmp_path, master_key, yaml="limits:\n  max_body_bytes: 100000\n  max_upload_bytes: 100000\n"
+    ) as stack:
         key = stack.tenant("acme")
 
         def chunks():  # type: ignore[no-untyped-def]

@@ -1,23 +1,40 @@
-"""The key vault: encryption, tenant binding, tampering, rotation, Secret masking."""
+"""The key vault: encryption, tenant binding, tampering, rotation, Secret masking; the
+seed's module-level functions; bearer parsing and admin-token generation."""
 
 from __future__ import annotations
 
 import logging
 import pickle
+import subprocess
+import sys
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
-from helpers import GOOD_KEY, OTHER_KEY
+from helpers import ADMIN_TOKEN, GOOD_KEY, OTHER_KEY, REPO, make_config
 from sqlmodel import select
+from stack import TENANT_KEY, Stack
 
 from admin.tenants import create_tenant_row
+from proxy import security
+from proxy.app import create_app
 from proxy.audit import SYSTEM
-from proxy.errors import KeyDecryptionFailed
+from proxy.config import MIN_ADMIN_TOKEN_LENGTH
+from proxy.errors import KeyDecryptionFailed, OpenAIKeyMissing
 from proxy.models import AuditEvent, Tenant
 from proxy.rotation import rotate_all
 from proxy.security import (
     Keyring,
     Secret,
     Vault,
+    VaultNotConfigured,
+    bearer_token,
+    decrypt_openai_key,
+    decrypt_openai_key_async,
+    encrypt_openai_key,
+    generate_admin_token,
     generate_master_key,
     hash_proxy_key,
     key_hint,
@@ -266,3 +283,176 @@ def test_rotation_counts_a_key_written_meanwhile_under_an_old_master_key(
     again = rotate_all(store, ring)  # the re-run finishes the job
     assert (again.rotated, again.remaining) == (1, 0) and again.complete
     store.dispose()
+
+
+# --- the seed's module-level functions (SPEC section 10) --------------------------
+
+
+@pytest.fixture
+def configured(database_url: str) -> Iterator[tuple[Keyring, Store]]:
+    """The module functions configured as the app does it (`security.configure`), over a
+    store with tenant-a and tenant-b keyed; unconfigured afterwards."""
+    ring = Keyring.parse(generate_master_key())
+    store = _store_with_tenants(database_url, ring)
+    vault = Vault(ring, store.load_ciphertext)
+    security.configure(vault)
+    try:
+        yield ring, store
+    finally:
+        security.unconfigure(vault)
+        store.dispose()
+
+
+def _set_ciphertext(store: Store, tenant_id: str, ciphertext: str | None) -> None:
+    with store.session() as s:
+        row = s.get(Tenant, tenant_id)
+        assert row is not None
+        row.openai_api_key_encrypted = ciphertext
+        s.add(row)
+        s.commit()
+
+
+def _shows_nothing_of_the_key(exc: BaseException, *keys: str) -> None:
+    """No key, nor a 12-character piece of one, in the exception's str, repr or traceback."""
+    text = "".join(traceback.format_exception(exc)) + str(exc) + repr(exc)
+    for key in keys:
+        pieces = {key[i : i + 12] for i in range(len(key) - 11)}
+        assert not [p for p in pieces if p in text], text
+
+
+def test_seed_functions_round_trip(configured: tuple[Keyring, Store]) -> None:
+    _, store = configured
+    assert decrypt_openai_key("tenant-a") == GOOD_KEY
+    assert decrypt_openai_key("tenant-b") == OTHER_KEY
+    ciphertext = encrypt_openai_key(OTHER_KEY, "tenant-a")
+    assert isinstance(ciphertext, str) and "GOODKEY" not in ciphertext
+    assert "OTHERKEY" not in ciphertext
+    _set_ciphertext(store, "tenant-a", ciphertext)
+    assert decrypt_openai_key("tenant-a") == OTHER_KEY  # read now: nothing cached
+
+
+async def test_seed_decrypt_async(configured: tuple[Keyring, Store]) -> None:
+    assert await decrypt_openai_key_async("tenant-a") == GOOD_KEY
+    with pytest.raises(OpenAIKeyMissing):
+        await decrypt_openai_key_async("nobody")
+
+
+def test_seed_functions_are_bound_to_the_tenant(configured: tuple[Keyring, Store]) -> None:
+    _, store = configured
+    _set_ciphertext(store, "tenant-b", encrypt_openai_key(GOOD_KEY, "tenant-a"))
+    with pytest.raises(KeyDecryptionFailed) as info:
+        decrypt_openai_key("tenant-b")
+    _shows_nothing_of_the_key(info.value, GOOD_KEY, OTHER_KEY)
+
+
+def test_seed_decrypt_without_a_key(configured: tuple[Keyring, Store]) -> None:
+    _, store = configured
+    _set_ciphertext(store, "tenant-b", None)
+    for tenant_id in ("tenant-b", "no-such-tenant"):
+        with pytest.raises(OpenAIKeyMissing) as info:
+            decrypt_openai_key(tenant_id)
+        assert f"POST /api/v1/tenants/{tenant_id}/openai-key" in info.value.message
+        assert info.value.code == "openai_key_missing"
+        _shows_nothing_of_the_key(info.value, GOOD_KEY, OTHER_KEY)
+
+
+def test_seed_functions_show_nothing_of_the_key(configured: tuple[Keyring, Store]) -> None:
+    ring, store = configured
+    head, token = encrypt_openai_key(GOOD_KEY, "tenant-a").rsplit(".", 1)
+    _set_ciphertext(store, "tenant-a", f"{head}.{token[:-6]}AAAAAA")  # tampered
+    with pytest.raises(KeyDecryptionFailed) as info:
+        decrypt_openai_key("tenant-a")
+    _shows_nothing_of_the_key(info.value, GOOD_KEY)
+    assert GOOD_KEY not in repr(Vault(ring, store.load_ciphertext))
+
+
+def test_seed_functions_before_configuration_fail_clearly() -> None:
+    """Unconfigured (as after an app's shutdown): a named error saying what to do. An older
+    app shutting down leaves a newer app's vault in place."""
+    older = Vault(Keyring.parse(generate_master_key()), lambda _: None)
+    newer = Vault(Keyring.parse(generate_master_key()), lambda _: None)
+    security.configure(older)
+    security.configure(newer)
+    security.unconfigure(older)
+    with pytest.raises(OpenAIKeyMissing):
+        decrypt_openai_key("acme")  # newer is still configured
+    security.unconfigure(newer)
+    for call in (lambda: encrypt_openai_key(GOOD_KEY, "acme"), lambda: decrypt_openai_key("acme")):
+        with pytest.raises(VaultNotConfigured, match=r"proxy\.security\.configure\(") as info:
+            call()
+        _shows_nothing_of_the_key(info.value, GOOD_KEY)
+
+
+def test_seed_functions_in_a_fresh_process_fail_clearly() -> None:
+    """Nothing loaded a configuration: a clear error, no traceback from deep inside."""
+    code = (
+        "from proxy.security import decrypt_openai_key, VaultNotConfigured\n"
+        "try:\n    decrypt_openai_key('acme')\n"
+        "except VaultNotConfigured as exc:\n    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert "proxy.security has no vault yet" in out.stdout and "configure(" in out.stdout
+
+
+def test_seed_functions_through_the_real_app(tmp_path: Path, master_key: str) -> None:
+    """The app configures the module in its lifespan: a key registered through the admin
+    API decrypts by tenant id in the same process; after shutdown, the clear error again."""
+    with Stack.sqlite(tmp_path, master_key) as stack:
+        stack.tenant("acme")  # registers TENANT_KEY (validated by the fake OpenAI)
+        stack.tenant("beta", key=None)
+        assert decrypt_openai_key("acme") == TENANT_KEY
+        ciphertext = encrypt_openai_key(TENANT_KEY, "beta")
+        assert Keyring.parse(master_key).decrypt(ciphertext, "beta").reveal() == TENANT_KEY
+        with pytest.raises(OpenAIKeyMissing):
+            decrypt_openai_key("beta")
+    with pytest.raises(VaultNotConfigured):
+        decrypt_openai_key("acme")
+
+
+# --- credentials presented by callers ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        (b"Bearer abc", "abc"),
+        (b"bearer abc", "abc"),
+        (b"BEARER   abc  ", "abc"),
+        (b"Bearer ", None),
+        (b"Bearer", None),
+        (b"Basic abc", None),
+        (b"", None),
+        (b"Bearerabc", None),
+    ],
+)
+def test_bearer_token(header: bytes, token: str | None) -> None:
+    assert bearer_token(header) == token
+
+
+async def test_every_listener_parses_bearer_alike(tmp_path: Path, master_key: str) -> None:
+    """/v1, the admin API and /metrics all accept the scheme in any case (one parser)."""
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text("metrics:\n  require_admin_token: true\n")
+    app = create_app(make_config(f"sqlite:///{tmp_path / 'b.db'}", master_key, config_path))
+    transport = httpx.ASGITransport(app=app)
+    async with app.lifespan(), httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        admin = {"Authorization": f"bEaReR {ADMIN_TOKEN}"}
+        r = await c.post(
+            "/api/v1/tenants", json={"name": "A", "tier": "pro", "id": "a"}, headers=admin
+        )
+        assert r.status_code == 201, r.text
+        tenant = {"Authorization": f"BEARER {r.json()['api_key']}"}
+        r = await c.get("/v1/models", headers=tenant)  # authenticated; no OpenAI key yet
+        assert r.json()["error"]["code"] == "openai_key_missing"
+        assert (await c.get("/metrics", headers=admin)).status_code == 200
+        for wrong in ("Basic " + ADMIN_TOKEN, "Bearer " + ADMIN_TOKEN[:-1], "Bearer"):
+            r = await c.get("/metrics", headers={"Authorization": wrong})
+            assert r.status_code == 401
+
+
+def test_generate_admin_token() -> None:
+    a, b = generate_admin_token(), generate_admin_token()
+    assert a.startswith("adm-") and a != b and len(a) >= MIN_ADMIN_TOKEN_LENGTH
+    assert make_config("sqlite://", generate_master_key(), ADMIN_TOKEN=a).admin_token.reveal() == a

@@ -6,8 +6,6 @@ import asyncio
 import gzip
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -18,7 +16,7 @@ from stack import Stack
 
 from proxy.request_json import ask_for_usage, fields_of
 from proxy.streaming import BodyUsage, SSEScanner, Usage
-from proxy.usage import UsageRecord, format_table, summarise
+from proxy.usage import UsageRecord
 from proxy.usage_sink import UsageLog
 
 FIELDS = {
@@ -377,141 +375,6 @@ def test_usage_fields_upstream_unreachable(tmp_path: Path, master_key: str) -> N
             error_code="upstream_unreachable",
             client_disconnected=False,
         )
-
-
-# --- the summary ------------------------------------------------------------------------
-
-
-def _line(
-    tenant: str | None,
-    model: str | None,
-    status: int,
-    tokens: tuple[int, int] | None,
-    ts: str = "2026-11-02T10:00:00.000Z",
-) -> str:
-    p, c = tokens or (None, None)
-    return json.dumps(
-        {
-            "ts": ts,
-            "request_id": "r",
-            "tenant_id": tenant,
-            "model": model,
-            "status": status,
-            "prompt_tokens": p,
-            "completion_tokens": c,
-            "total_tokens": (p + c) if tokens else None,
-            "error_code": None,
-            "path": "/v1/chat/completions",
-            "key_source": "byok",
-        }
-    )
-
-
-LOG = [
-    _line("acme", "gpt-4o", 200, (10, 5)),
-    _line("acme", "gpt-4o", 200, (20, 10)),
-    _line("acme", "gpt-4o-mini", 200, (1, 1), ts="2026-11-03T00:00:01.000Z"),
-    _line("acme", "gpt-4o-mini", 402, None, ts="2026-11-03T00:00:02.000Z"),
-    _line("beta", "gpt-4o", 200, (100, 50), ts="2026-11-03T08:00:00.000Z"),
-    _line(None, None, 401, None),
-    "not json",
-    "",
-]
-
-
-def test_summarise_groups_and_totals() -> None:
-    rows, skipped = summarise(LOG)
-    assert skipped == 1
-    assert rows == [
-        {
-            "tenant": "-",
-            "model": "-",
-            "requests": 1,
-            "errors": 1,
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "total_tokens": 0,
-        },
-        {
-            "tenant": "acme",
-            "model": "gpt-4o",
-            "requests": 2,
-            "errors": 0,
-            "prompt_tokens": 30,
-            "completion_tokens": 15,
-            "total_tokens": 45,
-        },
-        {
-            "tenant": "acme",
-            "model": "gpt-4o-mini",
-            "requests": 2,
-            "errors": 1,
-            "prompt_tokens": 1,
-            "completion_tokens": 1,
-            "total_tokens": 2,
-        },
-        {
-            "tenant": "beta",
-            "model": "gpt-4o",
-            "requests": 1,
-            "errors": 0,
-            "prompt_tokens": 100,
-            "completion_tokens": 50,
-            "total_tokens": 150,
-        },
-    ]
-    by_day, _ = summarise(LOG, ["day"], since="2026-11-03")
-    assert [(r["day"], r["requests"], r["total_tokens"]) for r in by_day] == [
-        ("2026-11-03", 3, 152)
-    ]
-
-
-def test_format_table() -> None:
-    rows, _ = summarise(LOG, ["tenant"])
-    table = format_table(rows, ["tenant"]).splitlines()
-    assert table[0].split() == [
-        "tenant",
-        "requests",
-        "errors",
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-    ]
-    assert table[3].split() == ["acme", "4", "1", "31", "16", "47"]
-    assert table[-1].split() == ["TOTAL", "6", "2", "131", "66", "197"]
-    assert len({len(line) for line in table[:2]}) == 1  # header as wide as its rule
-
-
-def test_usage_command(tmp_path: Path) -> None:
-    path = tmp_path / "usage.jsonl"
-    path.write_text("\n".join(LOG) + "\n")
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "usage", str(path), *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-
-    table = run()
-    assert table.returncode == 0 and "beta" in table.stdout and "150" in table.stdout
-    assert "1 unreadable lines skipped" in table.stderr
-    as_json = json.loads(run("--by", "model", "--json").stdout)
-    assert {r["model"]: r["total_tokens"] for r in as_json["rows"]} == {
-        "-": 0,
-        "gpt-4o": 195,
-        "gpt-4o-mini": 2,
-    }
-    assert run("--by", "colour").returncode == 2
-    assert run("--since", "2026-11-03", "--by", "tenant,day").stdout.count("2026-11-03") == 2
-    missing = subprocess.run(
-        [sys.executable, "-m", "proxy.cli", "usage", str(tmp_path / "no")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert missing.returncode == 1 and "cannot read" in missing.stderr
 
 
 CRLF_CHUNK = CHUNK.replace(b"\n", b"\r\n")
