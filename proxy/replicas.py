@@ -24,8 +24,9 @@ import secrets
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, func, update
 from sqlmodel import col, select
 
 from proxy.models import Replica, utcnow
@@ -62,9 +63,16 @@ class ReplicaInfo:
         return None
 
 
+def _now(store: Store) -> Any:
+    """The time beats are written and judged by: the database server's clock on
+    PostgreSQL, so a replica whose own clock runs late is not taken for dead (its
+    replicas share the one server); this host's clock on SQLite (one host anyway)."""
+    return func.now() if store.engine.dialect.name == "postgresql" else utcnow()
+
+
 def live_replicas(store: Store) -> list[ReplicaInfo]:
     """The processes whose last beat is recent enough (blocking)."""
-    cutoff = utcnow() - timedelta(seconds=HEARTBEAT_SECONDS * LIVE_BEATS)
+    cutoff = _now(store) - timedelta(seconds=HEARTBEAT_SECONDS * LIVE_BEATS)
     with store.session() as s:
         rows = s.exec(
             select(Replica).where(col(Replica.last_seen) >= cutoff).order_by(Replica.host)
@@ -89,7 +97,7 @@ class Heartbeat:
 
     def beat(self) -> None:
         """Write `last_seen` now; insert the row if it is not there (blocking)."""
-        now = utcnow()
+        now = _now(self.store)
         with self.store.session() as s:
             found = s.execute(
                 update(Replica).where(col(Replica.id) == self.id).values(last_seen=now)

@@ -409,7 +409,9 @@ def test_streamed_uploads_have_their_own_larger_limit(tmp_path: Path, master_key
             assert set(error) == {"message", "type", "param", "code"}
             assert error["code"] == "request_too_large" and "5000-byte" in error["message"]
             assert error["type"] == "invalid_request_error"
-        assert len(served.fake.requests) == seen  # nothing over a limit arrived whole
+        # Nothing over a limit arrived whole (a streamed one may have started upstream:
+        # the proxy forwards as it reads, then cuts the upstream request short).
+        assert all(len(r.body) < 6000 for r in served.fake.requests[seen:])
 
 
 # --- units ----------------------------------------------------------------------------

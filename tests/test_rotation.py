@@ -348,3 +348,22 @@ def test_refusal_with_two_real_replicas_on_one_postgres(tmp_path: Path, pg_url: 
         assert all(k not in log for k in (old, new, newer, GOOD_KEY))
     assert live_replicas(store) == []
     store.dispose()
+
+
+def test_a_replica_whose_clock_runs_late_still_counts_as_live(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL, beats are timed by the database server: a replica host 40 s behind
+    (more than the 30 s liveness window) must not be taken for dead by rotate-keys."""
+    import proxy.replicas
+
+    store = Store.connect(pg_url)
+    migrate(store.engine)
+    late = utcnow() - timedelta(seconds=40)
+    with monkeypatch.context() as m:  # the replica's host; rotate-keys runs on a right one
+        m.setattr(proxy.replicas, "utcnow", lambda: late)
+        beat = Heartbeat(store, Keyring.parse(generate_master_key()))
+        beat.beat()
+    assert [(r.host, r.pid) for r in live_replicas(store)] == [(beat.host, beat.pid)]
+    beat.forget()
+    store.dispose()
