@@ -84,7 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if config.admin_port is not None:
         admin = multiprocessing.Process(
             target=_serve_admin,
-            args=(config.admin_host or args.host, config.admin_port, config.log_level),
+            args=(
+                config.admin_host or args.host,
+                config.admin_port,
+                config.log_level,
+                config.log_format,
+            ),
             name="byok-admin",
             daemon=True,
         )
@@ -109,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_admin(host: str, port: int, log_level: str) -> None:
+def _serve_admin(host: str, port: int, log_level: str, log_format: str) -> None:
     """The admin API on its own listener (a child process of `serve`).
 
     uvicorn ends `serve` by re-raising SIGTERM, which skips atexit hooks, so the
@@ -126,13 +131,13 @@ def _serve_admin(host: str, port: int, log_level: str) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-    _setup_logging(log_level)
     uvicorn.run(
         "proxy.app:create_admin_app_from_env",
         factory=True,
         host=host,
         port=port,
         log_level=log_level.lower(),
+        log_config=_setup_logging(log_level, log_format),
         server_header=False,
         date_header=False,
         ws="none",
@@ -166,11 +171,8 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     from proxy.rotation import run_rotate_keys
     from proxy.store import Store, migrate
 
-    if args.batch_size < 1:
-        print("byok-proxy: --batch-size must be at least 1", file=sys.stderr)
-        return 2
-    config = _config(args)
-    _setup_logging(config.log_level)
+    config = _config(args, dev=args.dev)
+    _setup_logging(config.log_level, config.log_format)
     store = Store.connect(config.database_url)
     try:
         migrate(store.engine)
@@ -258,8 +260,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     migrate.set_defaults(func=cmd_migrate)
 
-    rotate = sub.add_parser("rotate-keys", help="re-encrypt every stored key under the first key")
-    rotate.add_argument("--config", default=None)
+    rotate = sub.add_parser(
+        "rotate-keys", help="re-encrypt every stored key under the first key", parents=[database]
+    )
     rotate.add_argument(
         "--force",
         action="store_true",
@@ -268,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     rotate.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=500,
         help="tenants re-encrypted per transaction (default: 500)",
     )

@@ -232,6 +232,17 @@ def run_rotate_keys(
     unused = [kid for kid in keyring.kids[1:] if not before[kid]]
     if report.complete and not report.rotated and unused:
         names = ", ".join(_name(keyring, kid) for kid in unused)
+        live = live_replicas(store)
+        if live and all(r.primary_key_id == primary for r in live):
+            # The running replicas encrypt with this key too: it is the new one, so this
+            # is a re-run after a finished rotation, not the new key put last.
+            print(
+                f"rotate-keys: rotation already complete: all {total} stored keys are under "
+                f"{_name(keyring, primary)}, which every running replica encrypts with; "
+                f"{names} encrypts none of them and can be removed from ENCRYPTION_KEY.",
+                file=out,
+            )
+            return 0
         print(
             f"rotate-keys: nothing was re-encrypted: all {total} stored keys were already under "
             f"{_name(keyring, primary)}, and {names} encrypts none of them. If that is your new "

@@ -470,6 +470,9 @@ def run(app: str, **options: Any) -> None:
     in-process counters lost, for a log rotation. `_Supervisor` forwards it instead.
     """
     if (options.get("workers") or 1) <= 1:
+        # Until the usage log listens for it, a SIGHUP (a log rotation) must not end
+        # this, the only, process.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         uvicorn.run(app, **options)
         return
     config = uvicorn.Config(app, **options)

@@ -158,6 +158,9 @@ class UsageLog:
         self._wake.set()
         if self._hangup_handler:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            # Ignored, not the default (which ends the process): a log rotation during a
+            # graceful shutdown must not lose the lines still to be written.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             self._hangup_handler = False
         if self._task is not None:
             await self._task

@@ -23,7 +23,7 @@ import httpx
 import pytest
 from fake_openai import start_fake
 from helpers import bearer
-from servers import create_tenant, free_port, serve, serve_env, until
+from servers import create_tenant, free_port, serve, serve_env, until, wait_until_up
 from stack import PLATFORM_KEY, TENANT_KEY
 
 from proxy.config import Config, ConfigError, load_config
@@ -114,7 +114,9 @@ def test_sighup_reopens_the_usage_log_in_every_worker(tmp_path: Path, master_key
     assert "restarting" not in log.read_text()
 
 
-def _upstream_unreachable(yaml: str, tmp_path: Path, master_key: str) -> tuple[list[str], str]:
+def _upstream_unreachable(
+    yaml: str, tmp_path: Path, master_key: str, admin_port: int | None = None
+) -> tuple[list[str], str]:
     """`serve --workers 2` with `yaml`, its upstream a closed loopback port: one chat
     (502 upstream_unreachable, logged by a worker). Returns the output lines and the
     request's id."""
@@ -124,20 +126,25 @@ def _upstream_unreachable(yaml: str, tmp_path: Path, master_key: str) -> tuple[l
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with serve(["--workers", "2"], env, tmp_path, port, log):
-        key = create_tenant(url, "trial-t", tier="trial")  # served with PLATFORM_OPENAI_KEY
+        admin = url if admin_port is None else f"http://127.0.0.1:{admin_port}"
+        wait_until_up(admin + "/healthz")
+        key = create_tenant(admin, "trial-t", tier="trial")  # served with PLATFORM_OPENAI_KEY
         request_id = _chat(url, key, expected=502)
         until(lambda: "upstream unreachable" in log.read_text(), 30, "no worker logged it")
     return log.read_text().splitlines(), request_id
 
 
 def test_json_lines_from_every_process(tmp_path: Path, master_key: str) -> None:
-    lines, request_id = _upstream_unreachable("logging:\n  format: json\n", tmp_path, master_key)
+    """Two workers and the admin API's own listener: every line is JSON."""
+    admin_port = free_port()
+    yaml = f"logging:\n  format: json\nadmin:\n  port: {admin_port}\n"
+    lines, request_id = _upstream_unreachable(yaml, tmp_path, master_key, admin_port)
     records = [json.loads(line) for line in lines if line]  # every line is JSON
     for record in records:
         assert {"ts", "level", "logger", "message"} <= record.keys(), record
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+\+00:00", record["ts"])
     workers = [r for r in records if r["message"].startswith("Started server process")]
-    assert len(workers) == 2 and all(r["logger"] == "uvicorn.error" for r in workers)
+    assert len(workers) == 3 and all(r["logger"] == "uvicorn.error" for r in workers)
     unreachable = [r for r in records if r["message"].startswith("upstream unreachable")]
     assert len(unreachable) == 1
     assert unreachable[0]["level"] == "WARNING" and unreachable[0]["logger"] == "byok.proxy"
@@ -175,6 +182,9 @@ async def test_sighup_reopens_a_sink_in_this_process(tmp_path: Path) -> None:
         await sink.close()
     assert [json.loads(line)["request_id"] for line in _lines(moved)] == ["before"]
     assert [json.loads(line)["request_id"] for line in _lines(path)] == ["after"]
+    # Closed (a worker shutting down), it ignores SIGHUP: by default it would end the
+    # process before the last lines are written.
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
 
 
 def _record(request_id: str) -> UsageRecord:

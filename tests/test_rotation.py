@@ -367,3 +367,18 @@ def test_a_replica_whose_clock_runs_late_still_counts_as_live(
     assert [(r.host, r.pid) for r in live_replicas(store)] == [(beat.host, beat.pid)]
     beat.forget()
     store.dispose()
+
+
+def test_a_rerun_after_a_finished_rotation_exits_0(tmp_path: Path) -> None:
+    """Every key already under the first one, and the running replicas encrypt with it:
+    a finished rotation (not the new key put last), so a re-run is a success."""
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    old, new = generate_master_key(), generate_master_key()
+    store = seeded(db, Keyring.parse(old), 3)
+    add_replica(store, f"{new},{old}", pid=4242)
+    assert rotate(db, f"{new},{old}").returncode == 0
+    again = rotate(db, f"{new},{old}")
+    assert again.returncode == 0, again.stderr
+    assert "rotation already complete" in again.stdout and "can be removed" in again.stdout
+    assert_no_secrets(again, old, new)
+    store.dispose()
