@@ -174,6 +174,7 @@ class _Conn(asyncio.Protocol):
 async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(_Conn, host, port, backlog=4096)
+    print(f"fake OpenAI upstream on http://{host}:{port}/v1 (Ctrl-C stops it)", flush=True)
     async with server:
         await server.serve_forever()
 
@@ -186,9 +187,13 @@ def main() -> None:
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(args.host, args.port))
+        runner = asyncio.run
     else:
-        uvloop.run(serve(args.host, args.port))
+        runner = uvloop.run
+    try:
+        runner(serve(args.host, args.port))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C: the documented way to stop it
 
 
 if __name__ == "__main__":
