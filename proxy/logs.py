@@ -82,15 +82,10 @@ def logging_config(level: str, fmt: str) -> dict[str, Any]:
                 name: {"level": level, "handlers": [], "propagate": True}
                 for name in _UVICORN_LOGGERS
             },
-            # Alembic says each migration step at INFO on every start; failures still show.
-            "alembic": {"level": _quieter(level)},
+            # Alembic says each migration step at INFO on every start: shown at DEBUG only.
+            "alembic": {"level": "WARNING" if level == "INFO" else level},
         },
     }
-
-
-def _quieter(level: str) -> str:
-    """`level`, but at least WARNING."""
-    return level if logging.getLevelName(level) >= logging.WARNING else "WARNING"
 
 
 def setup(level: str, fmt: str) -> dict[str, Any]:

@@ -233,8 +233,9 @@ def _load(tmp_path: Path, master_key: str, yaml: str, environ: dict[str, str]) -
 
 
 def test_cli_command_lines_are_json_too(tmp_path: Path, master_key: str) -> None:
-    """A CLI command (here `migrate`) logs in the configured format as well."""
-    (tmp_path / "c.yaml").write_text("logging:\n  format: json\n")
+    """A CLI command (here `migrate`, whose steps log at DEBUG) logs in the configured
+    format as well."""
+    (tmp_path / "c.yaml").write_text("logging:\n  format: json\n  level: debug\n")
     done = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "migrate", "--config", str(tmp_path / "c.yaml")],
         env={
