@@ -1,6 +1,7 @@
 """`rotate-keys` and the replica heartbeat: refusal while a running replica lacks the new
 key (two real `serve` processes on one PostgreSQL database), counts, the new key put last,
-progress, resuming after a crash, and no key material in any output."""
+progress, resuming after a crash (and after SIGKILL at a random point), rotation while two
+replicas serve traffic, and no key material in any output."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import asyncio
 import logging
 import os
 import pty
+import random
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -19,11 +24,12 @@ import pytest
 from conftest import _postgres_schema_url
 from helpers import ADMIN_TOKEN, GOOD_KEY, REPO
 from servers import free_port, serve, serve_env
+from sqlalchemy import func
 from sqlmodel import select
 
-from proxy.models import AuditEvent, Replica, Tenant, utcnow
+from proxy.models import AuditEvent, ProxyKey, Replica, Tenant, utcnow
 from proxy.replicas import Heartbeat, live_replicas
-from proxy.security import Keyring, generate_master_key, key_hint
+from proxy.security import Keyring, generate_master_key, hash_proxy_key, key_hint, new_proxy_key
 from proxy.store import Store, migrate
 
 
@@ -46,7 +52,7 @@ def seeded(database_url: str, ring: Keyring, count: int, start: int = 0) -> Stor
                     name=tid,
                     tier="pro",
                     openai_api_key_encrypted=ring.encrypt(GOOD_KEY, tid),
-                    openai_key_status="valid",
+                    openai_key_status="active",
                     openai_key_hint=key_hint(GOOD_KEY),
                 )
             )
@@ -69,10 +75,21 @@ def rotated_events(store: Store) -> list[str]:
         return sorted(e.tenant_id for e in events)
 
 
-def rotate(
-    database_url: str, keys: str, *args: str, code: str | None = None, stderr: int = subprocess.PIPE
-) -> subprocess.CompletedProcess[str]:
-    """Run `byok-proxy rotate-keys ARGS` (or `python -c CODE`, which runs it) for real."""
+def rotated_count(store: Store) -> int:
+    with store.session() as s:
+        return s.exec(select(func.count()).where(AuditEvent.action == "openai_key.rotated")).one()
+
+
+def assert_each_decrypts_under(store: Store, keys: str) -> None:
+    """Every stored key decrypts, for its own tenant, with `keys` alone, to the key stored."""
+    ring = Keyring.parse(keys)
+    with store.session() as s:
+        rows = s.exec(select(Tenant.id, Tenant.openai_api_key_encrypted)).all()
+    for tid, ciphertext in rows:
+        assert ring.decrypt(ciphertext or "", tid).reveal() == GOOD_KEY, tid
+
+
+def rotate_env(database_url: str, keys: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("ENCRYPTION_KEY", "ADMIN_TOKEN")}
     env.update(
         ENCRYPTION_KEY=keys,
@@ -80,10 +97,17 @@ def rotate(
         DATABASE_URL=database_url,
         BYOK_CONFIG=str(REPO / "config.yaml"),
     )
+    return env
+
+
+def rotate(
+    database_url: str, keys: str, *args: str, code: str | None = None, stderr: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
+    """Run `byok-proxy rotate-keys ARGS` (or `python -c CODE`, which runs it) for real."""
     command = ["-c", code] if code else ["-m", "proxy.cli", "rotate-keys", *args]
     return subprocess.run(
         [sys.executable, *command],
-        env=env,
+        env=rotate_env(database_url, keys),
         text=True,
         timeout=300,
         stdout=subprocess.PIPE,
@@ -381,4 +405,150 @@ def test_a_rerun_after_a_finished_rotation_exits_0(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert "rotation already complete" in again.stdout and "can be removed" in again.stdout
     assert_no_secrets(again, old, new)
+    store.dispose()
+
+
+def test_sigkill_at_a_random_point_then_a_rerun_finishes(pg_url: str) -> None:
+    """SIGKILL a real `rotate-keys` once a random number of batches has committed (so it
+    dies mid-batch or between two), then re-run it: every key ends under the new key
+    exactly once, each still decrypts, one audit event per re-encrypted key."""
+    total, batch = 600, 5
+    old, new = generate_master_key(), generate_master_key()
+    kid_old, kid_new = Keyring.parse(old).primary_kid, Keyring.parse(new).primary_kid
+    store = seeded(pg_url, Keyring.parse(old), total)
+    seed = random.randrange(1_000_000)
+    kill_after = random.Random(seed).randrange(1, total // 3)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "rotate-keys", "--batch-size", str(batch)],
+        env=rotate_env(pg_url, f"{new},{old}"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 180  # generous: a loaded machine imports slowly
+        while rotated_count(store) < kill_after:
+            assert run.poll() is None, f"rotate-keys exited {run.returncode} before the kill"
+            assert time.monotonic() < deadline, "rotate-keys made no progress"
+            time.sleep(0.01)
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.wait()
+    assert run.returncode == -signal.SIGKILL, f"seed {seed}"
+    done = rotated_count(store)
+    assert kill_after <= done < total, f"seed {seed}: the kill did not land mid-run"
+    assert by_kid(store) == {kid_new: done, kid_old: total - done}  # keys and events together
+
+    rerun = rotate(pg_url, f"{new},{old}", "--batch-size", str(batch))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{total - done} re-encrypted, {done} skipped" in rerun.stdout
+    assert "0 left" in rerun.stdout
+    assert by_kid(store) == {kid_new: total}
+    assert_each_decrypts_under(store, new)  # none lost, none encrypted twice
+    assert rotated_events(store) == [f"t{n:04d}" for n in range(total)]  # once each
+    store.dispose()
+
+
+def issue_proxy_keys(store: Store, tenant_ids: list[str]) -> dict[str, str]:
+    """One proxy key per tenant, written straight to the store: tenant id -> plaintext."""
+    keys = {tid: new_proxy_key() for tid in tenant_ids}
+    with store.session() as s:
+        for tid, key in keys.items():
+            s.add(ProxyKey(id=f"key_{tid}", tenant_id=tid, key_hash=hash_proxy_key(key)))
+        s.commit()
+    return keys
+
+
+class Traffic:
+    """Chat completions from `workers` threads, each to a random tenant on the replicas
+    in turn, until stopped or `limit` requests each; every non-200 is kept."""
+
+    def __init__(self, urls: list[str], keys: dict[str, str], workers: int, limit: int) -> None:
+        self.urls, self.keys, self.limit = urls, list(keys.values()), limit
+        self.stop = threading.Event()
+        self.done: list[float] = []  # when each answered request finished (monotonic)
+        self.failures: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(n,)) for n in range(workers)]
+
+    def _run(self, n: int) -> None:
+        import httpx
+
+        pick = random.Random(n)
+        with httpx.Client(timeout=60) as client:
+            for sent in range(self.limit):
+                if self.stop.is_set():
+                    return
+                url = self.urls[(n + sent) % len(self.urls)]
+                key = pick.choice(self.keys)
+                try:
+                    r = client.post(
+                        url + "/v1/chat/completions",
+                        json={
+                            "model": "gpt-4o-mini",
+                            "messages": [{"role": "user", "content": "hi"}],
+                        },
+                        headers={"Authorization": f"Bearer {key}"},
+                    )
+                    if r.status_code != 200:
+                        self.failures.append(f"{url}: {r.status_code} {r.text[:200]}")
+                except httpx.HTTPError as exc:
+                    self.failures.append(f"{url}: {type(exc).__name__}")
+                self.done.append(time.monotonic())
+
+    def __enter__(self) -> Traffic:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def test_rotation_while_two_replicas_serve_traffic(tmp_path: Path, pg_url: str) -> None:
+    """300 tenants, two real `serve` replicas with new,old on one PostgreSQL schema, chat
+    completions for random tenants through both while `rotate-keys --batch-size 25` runs:
+    no request fails, every key ends under the new one, one audit event per tenant."""
+    from fake_openai import start_fake
+
+    total = 300
+    old, new = generate_master_key(), generate_master_key()
+    kid_new = Keyring.parse(new).primary_kid
+    store = seeded(pg_url, Keyring.parse(old), total)
+    keys = issue_proxy_keys(store, [f"t{n:04d}" for n in range(total)])
+    fake, fake_server = start_fake()
+    yaml = "cache_ttl_seconds: 0.1\n"  # replicas re-read rows, rotated ones too, all along
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    envs = [serve_env(d, f"{new},{old}", pg_url, fake.base_url, yaml) for d in dirs]
+    ports = [free_port(), free_port()]
+    with (
+        fake_server,
+        serve([], envs[0], dirs[0], ports[0], dirs[0] / "log"),
+        serve([], envs[1], dirs[1], ports[1], dirs[1] / "log"),
+        Traffic([f"http://127.0.0.1:{p}" for p in ports], keys, workers=4, limit=1500) as traffic,
+    ):
+        run = subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "rotate-keys", "--batch-size", "25"],
+            env=rotate_env(pg_url, f"{new},{old}"),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        while not rotated_count(store) and run.poll() is None:
+            time.sleep(0.005)
+        first_batch = time.monotonic()  # from here to its exit, old and new keys are mixed
+        out, err = run.communicate(timeout=300)
+        finished = time.monotonic()
+        traffic.stop.set()
+    during = sum(first_batch <= t <= finished for t in traffic.done)
+    assert run.returncode == 0, err
+    assert f"{total} re-encrypted, 0 skipped" in out and "0 left" in out
+    assert traffic.failures == []
+    assert during >= 5, f"only {during} requests were answered while keys were re-encrypted"
+    assert by_kid(store) == {kid_new: total}
+    assert_each_decrypts_under(store, new)
+    assert rotated_events(store) == sorted(keys)
+    assert all(k not in out + err for k in (old, new, GOOD_KEY))
     store.dispose()
