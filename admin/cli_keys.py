@@ -76,7 +76,7 @@ def add_commands(sub: Any, plain: Parents, listing: Parents) -> None:
             """
             Manage a tenant's proxy keys (byok-...), the keys its services send to the
             proxy, directly on the database. A revoked key stops working on every replica
-            within the cache TTL.
+            at once on PostgreSQL, within the cache TTL on SQLite.
             """
         ),
     )

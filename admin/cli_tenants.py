@@ -2,7 +2,8 @@
 directly on the database, without a running server or `ADMIN_TOKEN`.
 
 Changes are audited with actor `system`, like every change the CLI makes. A
-running proxy sees them within its cache TTL (`cache_ttl_seconds`).
+running proxy sees them at once on PostgreSQL (`proxy.invalidation`), within its cache
+TTL (`cache_ttl_seconds`) on SQLite.
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ def add_commands(sub: Any, plain: Parents, listing: Parents) -> None:
             """
             Manage tenants directly on the database (no running server, no ADMIN_TOKEN):
             what the admin API's /api/v1/tenants routes do, audited with actor `system`.
-            A running proxy sees a change within its cache TTL.
+            Running proxies see a change at once on PostgreSQL, within their cache TTL on
+            SQLite.
             """
         ),
     )

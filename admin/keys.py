@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from admin.auth import authorize, runtime_of
 from admin.schemas import INVALID_KEY_FORMAT, OpenAIKeyIn, read_body
 from admin.tenants import get_tenant_or_404
-from proxy import audit
+from proxy import audit, invalidation
 from proxy.config import UpstreamConfig
 from proxy.errors import (
     OpenAIKeyForbidden,
@@ -80,8 +80,12 @@ async def validate_with_openai(
 def store_openai_key(
     session: Session, actor: audit.Actor, tenant_id: str, ciphertext: str, hint: str
 ) -> dict[str, object]:
-    """Store a validated key's ciphertext and its audit event in one commit (also the CLI's)."""
-    tenant = get_tenant_or_404(session, tenant_id)
+    """Store a validated key's ciphertext and its audit event in one commit (also the CLI's).
+
+    The tenant's row is locked first, so of two registrations at once (two
+    replicas) the later sees the earlier's key and is audited as a replacement.
+    """
+    tenant = get_tenant_or_404(session, tenant_id, lock=True)
     action = "openai_key.replaced" if tenant.openai_api_key_encrypted else "openai_key.set"
     now = utcnow()
     tenant.openai_api_key_encrypted = ciphertext
@@ -91,6 +95,7 @@ def store_openai_key(
     tenant.openai_key_updated_at = now
     tenant.updated_at = now
     audit.record(session, actor, tenant_id, action, hint)
+    invalidation.tenant_changed(session, tenant_id)
     session.commit()
     return {"status": "active", "hint": hint, "validated_at": rfc3339(now)}
 
@@ -164,6 +169,7 @@ def remove_openai_key(session: Session, actor: audit.Actor, tenant_id: str) -> b
     tenant.openai_key_validated_at = None
     tenant.openai_key_updated_at = now
     tenant.updated_at = now
+    invalidation.tenant_changed(session, tenant_id)
     session.commit()
     return True
 

@@ -21,7 +21,7 @@ from admin.schemas import (
     read_body,
     tenant_public,
 )
-from proxy import audit, policy
+from proxy import audit, invalidation, policy
 from proxy.errors import Conflict, NotFound, ValidationFailed
 from proxy.models import ProxyKey, Tenant, TrialAllowance, rfc3339, utcnow
 from proxy.security import hash_proxy_key, new_proxy_key
@@ -46,8 +46,9 @@ def _issue_key(
     return row, plaintext
 
 
-def get_tenant_or_404(session: Session, tenant_id: str) -> Tenant:
-    tenant = session.get(Tenant, tenant_id)
+def get_tenant_or_404(session: Session, tenant_id: str, lock: bool = False) -> Tenant:
+    """The tenant (its row locked until commit if `lock`; SQLite locks on write), or 404."""
+    tenant = session.get(Tenant, tenant_id, with_for_update=lock)
     if tenant is None:
         raise NotFound("No such tenant.")
     return tenant
@@ -68,6 +69,7 @@ def create_tenant_row(
             f"A tenant with id {tenant.id!r} already exists.", param="id", code="tenant_exists"
         ) from None
     key, plaintext = _issue_key(store_session, actor, tenant.id)
+    invalidation.tenant_changed(store_session, tenant.id)  # a replica may cache "no such"
     store_session.commit()
     return tenant, key, plaintext
 
@@ -143,6 +145,7 @@ def update_tenant_row(
             changed = True
     if changed:
         tenant.updated_at = utcnow()
+        invalidation.tenant_changed(session, tenant_id)
         session.commit()
     return tenant
 
@@ -171,6 +174,8 @@ def delete_tenant_row(session: Session, actor: audit.Actor, tenant_id: str) -> N
     # Its trial allowance goes with it (a tenant re-created under the id starts afresh).
     session.execute(delete(TrialAllowance).where(col(TrialAllowance.tenant_id) == tenant_id))
     session.delete(tenant)
+    invalidation.tenant_changed(session, tenant_id)
+    invalidation.keys_changed(session)
     session.commit()
 
 
@@ -266,6 +271,7 @@ async def update_api_key(request: Request) -> Response:
                 for k, v in changes.items():
                     setattr(row, k, v)
                 audit.record(s, actor, tenant_id, "api_key.updated", key_id)
+                invalidation.key_changed(s, row.key_hash)
                 s.commit()
             return api_key_public(row)
 
@@ -291,6 +297,7 @@ def revoke_api_key_row(session: Session, actor: audit.Actor, tenant_id: str, key
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         audit.record(session, actor, tenant_id, "api_key.revoked", key_id)
+        invalidation.key_changed(session, row.key_hash)
         session.commit()
 
 

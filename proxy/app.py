@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from starlette.concurrency import run_in_threadpool
 
 from admin.app import create_admin_app
-from proxy import credentials, security
+from proxy import credentials, invalidation, security
 from proxy.asgi import Message, Receive, Scope, Send, send_error, send_json
 from proxy.auth_limit import FailedAuthLimit
 from proxy.config import Config, load_config
@@ -32,7 +32,7 @@ from proxy.ratelimit import RateLimiter
 from proxy.replicas import Heartbeat
 from proxy.runtime import Runtime
 from proxy.spend import SpendControl
-from proxy.store import Store, migrate
+from proxy.store import Store, check_schema
 from proxy.upstream import make_client
 from proxy.usage_sink import UsageLog
 
@@ -79,7 +79,7 @@ class ByokApp:
                 ", ".join(unserved),
             )
         store = Store.connect(config.database_url, config.cache_ttl_seconds, config.database)
-        await run_in_threadpool(migrate, store.engine)
+        await run_in_threadpool(check_schema, store.engine)  # `serve` migrated it first
         upstream_client = make_client(config.upstream)
         metrics = Metrics()
         metrics.known_models = config.prices.knows
@@ -110,6 +110,8 @@ class ByokApp:
         flusher = asyncio.create_task(spend.run())
         heartbeat = Heartbeat(store, config.keyring)  # rotate-keys reads it
         await heartbeat.start()
+        listener = invalidation.Listener(store)  # PostgreSQL: other replicas' changes at once
+        await listener.start()
         self.forwarder = Forwarder(runtime, upstream_client)
         self.runtime = runtime
         self.admin.state.runtime = runtime
@@ -129,6 +131,7 @@ class ByokApp:
             await runtime.aclose()
             await usage_log.close()
             await heartbeat.aclose()
+            await listener.aclose()
             store.dispose()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from sqlalchemy import update
 from sqlmodel import col
 
-from proxy import audit
+from proxy import audit, invalidation
 from proxy.config import Config, TierPolicy
 from proxy.errors import OpenAIKeyInvalid, OpenAIKeyMissing, TrialQuotaExceeded
 from proxy.models import Tenant, utcnow
@@ -101,6 +101,7 @@ def mark_invalid(store: Store, tenant_id: str, ciphertext: str, request_id: str)
             hint = s.get(Tenant, tenant_id).openai_key_hint  # type: ignore[union-attr]
             actor = audit.Actor("system", None, request_id, None)
             audit.record(s, actor, tenant_id, "openai_key.invalidated", hint)
+            invalidation.tenant_changed(s, tenant_id)
             s.commit()
     store.invalidate_tenant(tenant_id)
     return bool(changed)

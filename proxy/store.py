@@ -9,9 +9,11 @@ The proxy-key and tenant lookups are cached in-process for
 `invalidate_*` so it takes effect here at once, even against a lookup that
 was already reading the database: every invalidation bumps a generation
 number, a load caches its answer only if no invalidation happened since it
-started, and later callers never join a load that started before one. Other
-workers and replicas see the change within the TTL (plus one read). The cache
-holds ciphertext at most, never a plaintext key.
+started, and later callers never join a load that started before one. On
+PostgreSQL, other workers and replicas are told at once (`proxy.invalidation`,
+NOTIFY); on SQLite, or when a notification is missed, they see the change
+within the TTL (plus one read). The cache holds ciphertext at most, never a
+plaintext key.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from typing import Any
 
 import anyio
 from sqlalchemy import event, exc, text
-from sqlalchemy.engine import URL, Engine
+from sqlalchemy.engine import URL, Connection, Engine
 from sqlmodel import Session, col, create_engine, select
 
 from proxy import database_url
-from proxy.config import DatabaseConfig
+from proxy.config import ConfigError, DatabaseConfig
 from proxy.errors import StoreUnavailable
 from proxy.models import ProxyKey, Tenant
 from proxy.policy import Policy
@@ -46,6 +48,7 @@ log = logging.getLogger("byok.store")
 _MIGRATIONS = Path(__file__).parent / "migrations"
 HEAD_REVISION = "0004"  # the newest revision in proxy/migrations/versions (a test checks)
 _PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
+_MIGRATION_WAIT_MS = 600_000  # how long a second `migrate` waits for the first to finish
 _MISS = object()
 _MAX_CACHED = 100_000  # entries per cache; past this it starts over
 _VALID_MEMORY = 3600.0  # seconds a key that authenticated counts as a real caller's
@@ -169,29 +172,82 @@ def current_revision(engine: Engine) -> str | None:
             return None
 
 
+def known_revision(engine: Engine) -> str | None:
+    """The schema revision (None: an empty database), refused in one line if it is newer
+    than this byok-proxy: a later release migrated it, and this one would misread it."""
+    try:
+        revision = current_revision(engine)
+    except UNAVAILABLE as error:
+        raise database_url.unreachable(engine.url, error) from None
+    if revision is not None and revision not in _revisions():
+        raise ConfigError(
+            f"the database schema is at revision {revision}, newer than this byok-proxy "
+            f"({HEAD_REVISION}): upgrade byok-proxy, or point it at the right database"
+        )
+    return revision
+
+
+def _revisions() -> set[str]:
+    """The revisions in proxy/migrations/versions (each file is named after its id)."""
+    return {path.name.split("_", 1)[0] for path in (_MIGRATIONS / "versions").glob("[0-9]*.py")}
+
+
+def check_schema(engine: Engine) -> None:
+    """A serving worker's startup check: HEAD_REVISION, or one line saying what to do.
+
+    An empty database gets its schema (a first start without `serve`, e.g.
+    `uvicorn --factory`); an older one is refused, never upgraded here: other
+    replicas may still be serving it, so `byok-proxy migrate` upgrades it, once.
+    """
+    revision = known_revision(engine)
+    if revision is None:
+        migrate(engine)
+    elif revision != HEAD_REVISION:
+        raise ConfigError(
+            f"the database schema is at revision {revision}, older than this byok-proxy "
+            f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas"
+        )
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to HEAD_REVISION with Alembic (no-op, and no Alembic import, if there).
 
     Alembic (and Mako) cost the serving process ~10 MB, so `serve` runs this
     in a short-lived `byok-proxy migrate` process and workers only check.
-    A database that cannot be opened raises ConfigError, one line with the fix.
+    Several processes may run it at once (`_serialised`). A database that
+    cannot be opened, or whose schema is newer, raises ConfigError: one line.
     """
-    try:
-        revision = current_revision(engine)
-    except UNAVAILABLE as error:
-        raise database_url.unreachable(engine.url, error) from None
-    if revision == HEAD_REVISION:
+    if known_revision(engine) == HEAD_REVISION:
         return
     from alembic import command
     from alembic.config import Config as AlembicConfig
 
     with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+        _serialised(conn)
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+
+
+def _serialised(conn: Connection) -> None:
+    """Take the migration lock, held until commit: a second `migrate` started at the same
+    time waits for the first, then finds the schema at head (Alembic reads it under the
+    lock). PostgreSQL: an advisory lock; SQLite: the database's write lock. The wait may
+    be long; statements after it keep the usual lock wait, so DDL queued behind live
+    replicas holds them up for `lock_timeout` at most."""
+    wait = _MIGRATION_WAIT_MS
+    if conn.dialect.name == "sqlite":
+        usual = conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {wait}")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(f"PRAGMA busy_timeout = {int(usual or 0)}")
+        return
+    usual = conn.execute(text("SELECT current_setting('lock_timeout')")).scalar()
+    conn.execute(text(f"SET LOCAL lock_timeout = {wait}"))
+    conn.execute(text("SET LOCAL statement_timeout = 0"))  # DDL on a big table takes long
+    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+    conn.execute(text("SELECT set_config('lock_timeout', :v, true)"), {"v": usual})
 
 
 def _epoch(value: datetime | None) -> float | None:
@@ -411,6 +467,13 @@ class Store:
             self._tenants.pop(tenant_id, None)
         self._inflight.pop(("tenant", tenant_id), None)
 
+    def invalidate_key(self, digest: str) -> None:
+        """Forget one cached proxy-key lookup, by the key's stored hash."""
+        with self._lock:
+            self._generation += 1
+            self._keys.pop(digest, None)
+        self._inflight.pop(("key", digest), None)
+
     def invalidate_keys(self) -> None:
         """Forget every cached proxy-key lookup (after a revocation or deletion)."""
         with self._lock:
@@ -419,3 +482,11 @@ class Store:
         for key in list(self._inflight):  # list(): atomic, callers may be in a thread
             if key[0] == "key":
                 self._inflight.pop(key, None)
+
+    def invalidate_all(self) -> None:
+        """Forget every cached lookup (invalidation messages may have been missed)."""
+        with self._lock:
+            self._generation += 1
+            self._keys.clear()
+            self._tenants.clear()
+        self._inflight.clear()
