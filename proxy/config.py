@@ -12,9 +12,9 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -23,6 +23,9 @@ from proxy.client_address import TrustedProxies, parse_networks
 from proxy.keyformat import KeyFormatError, check_openai_key
 from proxy.logs import FORMATS, LEVELS
 from proxy.security import Keyring, Secret, generate_admin_token, generate_master_key
+
+if TYPE_CHECKING:
+    from proxy.config_schema import ConfigFile
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_DATABASE_URL = "sqlite:///./byok.db"
@@ -59,7 +62,6 @@ DEFAULT_PLATFORM_ENDPOINTS = (
     "GET /v1/models/*",
 )
 _SEGMENT = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9._:-]*")  # what a trailing * matches
-_ENDPOINT = re.compile(r"(GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS) (/v1/[A-Za-z0-9_./{}-]*\*?)")
 
 
 @dataclass(frozen=True)
@@ -174,24 +176,6 @@ class Config:
     prices: Any = None  # proxy.prices.PriceTable (set by load_config)
 
 
-def _section(raw: Mapping[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
-    value = raw.get(name) or {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"config.yaml: '{name}' must be a mapping")
-    unknown = set(value) - allowed
-    if unknown:
-        raise ConfigError(f"config.yaml: unknown setting(s) {sorted(unknown)} under '{name}'")
-    return value
-
-
-def _typed(value: Any, kind: type, where: str) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"config.yaml: '{where}' must be {kind.__name__}, got {value!r}")
-    return value
-
-
 def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
     if not path.exists():
         if required:
@@ -206,27 +190,6 @@ def _read_yaml(path: Path, required: bool) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    top = {
-        "database_url",
-        "database",
-        "usage_log",
-        "upstream",
-        "limits",
-        "cache_ttl_seconds",
-        "tiers",
-        "platform_key",
-        "log",
-        "logging",
-        "metrics",
-        "admin",
-        "server",
-        "rate_limits",
-        "prices",
-        "trusted_proxies",
-    }
-    unknown = set(raw) - top
-    if unknown:
-        raise ConfigError(f"config.yaml: unknown setting(s) {sorted(unknown)}")
     return raw
 
 
@@ -286,50 +249,63 @@ def load_config(
     With `dev=True`, a missing ENCRYPTION_KEY / ADMIN_TOKEN is generated once
     into `state_dir` and reused on later starts.
     """
+    from proxy.config_schema import read_config_file  # pydantic: not for --help / gen-key
+    from proxy.prices import load_prices  # here: proxy.prices imports this module
+
     env = os.environ if env is None else env
     explicit = path is not None or "BYOK_CONFIG" in env
     cfg_path = Path(path or env.get("BYOK_CONFIG") or "config.yaml")
-    raw = _read_yaml(cfg_path, required=explicit)
+    file = read_config_file(_read_yaml(cfg_path, required=explicit))
 
-    up = _section(
-        raw,
-        "upstream",
-        {
-            "base_url",
-            "connect_timeout_seconds",
-            "read_timeout_seconds",
-            "validation_timeout_seconds",
-            "pool_timeout_seconds",
-            "allow_insecure",
-            "max_connections",
-        },
-    )
-    limits = _section(
-        raw, "limits", {"max_body_bytes", "max_upload_bytes", "failed_auth_per_minute"}
-    )
-    metrics = _section(raw, "metrics", {"require_admin_token"})
-    admin = _section(raw, "admin", {"host", "port"})
-    server = _section(raw, "server", {"shutdown_timeout_seconds"})
-    database = _database_config(_section(raw, "database", set(DatabaseConfig.__dataclass_fields__)))
-    rate_limits = _rate_limit_config(
-        _section(raw, "rate_limits", {"fail", "redis_timeout_seconds", "key_prefix"}), env
-    )
-
-    allow_insecure = _typed(up.get("allow_insecure", False), bool, "upstream.allow_insecure")
-    base_url = env.get("OPENAI_BASE_URL") or up.get("base_url") or DEFAULT_BASE_URL
+    up = file.upstream
     upstream = UpstreamConfig(
-        base_url=check_upstream_url(str(base_url), allow_insecure),
-        connect_timeout=_typed(up.get("connect_timeout_seconds", 5.0), float, "connect_timeout"),
-        read_timeout=_typed(up.get("read_timeout_seconds", 600.0), float, "read_timeout"),
-        validation_timeout=_typed(
-            up.get("validation_timeout_seconds", 10.0), float, "validation_timeout"
+        base_url=check_upstream_url(env.get("OPENAI_BASE_URL") or up.base_url, up.allow_insecure),
+        connect_timeout=up.connect_timeout_seconds,
+        read_timeout=up.read_timeout_seconds,
+        validation_timeout=up.validation_timeout_seconds,
+        pool_timeout=up.pool_timeout_seconds,
+        allow_insecure=up.allow_insecure,
+        max_connections=up.max_connections,
+    )
+    keyring, token = _secrets(env, dev, Path(state_dir))
+    level, log_format = _logging_settings(
+        file.logging.level or file.log.level, file.logging.format, env
+    )
+    return Config(
+        keyring=keyring,
+        admin_token=token,
+        database_url=env.get("DATABASE_URL") or file.database_url,
+        database=DatabaseConfig(**file.database.model_dump()),
+        upstream=upstream,
+        platform_openai_key=_platform_openai_key(env),
+        usage_log=env.get("USAGE_LOG") or file.usage_log,
+        max_body_bytes=file.limits.max_body_bytes,
+        max_upload_bytes=file.limits.max_upload_bytes,
+        trusted_proxies=_trusted_proxies(file.trusted_proxies, env),
+        failed_auth_per_minute=file.limits.failed_auth_per_minute,
+        cache_ttl_seconds=file.cache_ttl_seconds,
+        tiers={
+            name: replace(policy, **file.tiers[name].model_dump(exclude_unset=True))
+            if name in file.tiers
+            else policy
+            for name, policy in DEFAULT_TIERS.items()
+        },
+        platform_key=PlatformKeyPolicy(
+            tuple(file.platform_key.allowed_endpoints), file.platform_key.default_output_tokens
         ),
-        pool_timeout=_typed(up.get("pool_timeout_seconds", 10.0), float, "pool_timeout"),
-        allow_insecure=allow_insecure,
-        max_connections=_typed(up.get("max_connections", 1000), int, "max_connections"),
+        log_level=level,
+        log_format=log_format,
+        metrics_require_auth=file.metrics.require_admin_token,
+        admin_host=file.admin.host or None,
+        admin_port=file.admin.port,
+        rate_limits=_rate_limit_config(file, env),
+        prices=load_prices(file.prices),
+        shutdown_timeout_seconds=file.server.shutdown_timeout_seconds,
     )
 
-    state = Path(state_dir)
+
+def _secrets(env: Mapping[str, str], dev: bool, state: Path) -> tuple[Keyring, Secret]:
+    """ENCRYPTION_KEY and ADMIN_TOKEN from `env` (or, with `dev`, generated into `state`)."""
     enc = env.get("ENCRYPTION_KEY") or ""
     token = env.get("ADMIN_TOKEN") or ""
     if dev and not enc:
@@ -349,127 +325,32 @@ def load_config(
     if len(token) < MIN_ADMIN_TOKEN_LENGTH:
         what = "is not set" if not token else f"is shorter than {MIN_ADMIN_TOKEN_LENGTH} characters"
         raise ConfigError(f"ADMIN_TOKEN {what}; make one with `byok-proxy gen-key --admin-token`")
+    return keyring, Secret(token)
 
-    tiers = dict(DEFAULT_TIERS)
-    for name, spec in _section(raw, "tiers", set(DEFAULT_TIERS)).items():
-        spec = spec or {}
-        if not isinstance(spec, dict) or set(spec) - {
-            "platform_fallback",
-            "daily_requests",
-            "daily_tokens",
-        }:
-            raise ConfigError(
-                f"config.yaml: tiers.{name} accepts platform_fallback, daily_requests, daily_tokens"
-            )
-        base = tiers[name]
-        tiers[name] = TierPolicy(
-            platform_fallback=_typed(
-                spec.get("platform_fallback", base.platform_fallback),
-                bool,
-                f"tiers.{name}.platform_fallback",
-            ),
-            daily_requests=_typed(
-                spec.get("daily_requests", base.daily_requests), int, f"tiers.{name}.daily_requests"
-            ),
-            daily_tokens=_typed(
-                spec.get("daily_tokens", base.daily_tokens), int, f"tiers.{name}.daily_tokens"
-            ),
-        )
 
-    platform_key = _platform_key_policy(
-        _section(raw, "platform_key", {"allowed_endpoints", "default_output_tokens"})
-    )
-
-    level, log_format = _logging_settings(raw, env)
+def _platform_openai_key(env: Mapping[str, str]) -> Secret | None:
+    """PLATFORM_OPENAI_KEY, held to the rule a tenant's key is held to; None if unset."""
     platform = (env.get("PLATFORM_OPENAI_KEY") or "").strip()
-    if platform:
-        try:
-            check_openai_key(platform)  # the rule a tenant's key is held to
-        except KeyFormatError as exc:
-            raise ConfigError(f"PLATFORM_OPENAI_KEY is malformed: {exc}") from None
-    admin_port = admin.get("port")
-    from proxy.prices import load_prices  # here: proxy.prices imports this module
-
-    return Config(
-        keyring=keyring,
-        admin_token=Secret(token),
-        database_url=env.get("DATABASE_URL") or raw.get("database_url") or DEFAULT_DATABASE_URL,
-        database=database,
-        upstream=upstream,
-        platform_openai_key=Secret(platform) if platform else None,
-        usage_log=_typed(env.get("USAGE_LOG") or raw.get("usage_log") or "-", str, "usage_log"),
-        max_body_bytes=_typed(
-            limits.get("max_body_bytes", DEFAULT_MAX_BODY_BYTES), int, "limits.max_body_bytes"
-        ),
-        max_upload_bytes=_typed(
-            limits.get("max_upload_bytes", DEFAULT_MAX_UPLOAD_BYTES), int, "limits.max_upload_bytes"
-        ),
-        trusted_proxies=_trusted_proxies(raw.get("trusted_proxies"), env),
-        failed_auth_per_minute=_typed(
-            limits.get("failed_auth_per_minute", 60), int, "limits.failed_auth_per_minute"
-        ),
-        cache_ttl_seconds=_typed(raw.get("cache_ttl_seconds", 5.0), float, "cache_ttl_seconds"),
-        tiers=tiers,
-        platform_key=platform_key,
-        log_level=level,
-        log_format=log_format,
-        metrics_require_auth=_typed(
-            metrics.get("require_admin_token", False), bool, "metrics.require_admin_token"
-        ),
-        admin_host=_typed(admin.get("host"), str, "admin.host") if admin.get("host") else None,
-        admin_port=_typed(admin_port, int, "admin.port") if admin_port is not None else None,
-        rate_limits=rate_limits,
-        prices=load_prices(raw.get("prices")),
-        shutdown_timeout_seconds=_typed(
-            server.get("shutdown_timeout_seconds", 30.0), float, "server.shutdown_timeout_seconds"
-        ),
-    )
+    if not platform:
+        return None
+    try:
+        check_openai_key(platform)
+    except KeyFormatError as exc:
+        raise ConfigError(f"PLATFORM_OPENAI_KEY is malformed: {exc}") from None
+    return Secret(platform)
 
 
-def _rate_limit_config(section: Mapping[str, Any], env: Mapping[str, str]) -> RateLimitConfig:
-    fail = section.get("fail", "open")
-    if fail not in ("open", "closed"):
-        raise ConfigError(f"config.yaml: rate_limits.fail must be open or closed, got {fail!r}")
+def _rate_limit_config(file: ConfigFile, env: Mapping[str, str]) -> RateLimitConfig:
     url = (env.get("REDIS_URL") or "").strip() or None
     if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
         raise ConfigError("REDIS_URL must start with redis://, rediss:// or unix://")
-    timeout = _typed(
-        section.get("redis_timeout_seconds", 0.25), float, "rate_limits.redis_timeout_seconds"
-    )
-    prefix = _typed(section.get("key_prefix", "byok:rl:"), str, "rate_limits.key_prefix")
+    section = file.rate_limits
     return RateLimitConfig(
-        redis_url=url, fail_open=fail == "open", redis_timeout=timeout, key_prefix=prefix
+        redis_url=url,
+        fail_open=section.fail == "open",
+        redis_timeout=section.redis_timeout_seconds,
+        key_prefix=section.key_prefix,
     )
-
-
-def _database_config(section: Mapping[str, Any]) -> DatabaseConfig:
-    base = DatabaseConfig()
-    values: dict[str, Any] = {}
-    for name in DatabaseConfig.__dataclass_fields__:
-        default = getattr(base, name)
-        value = _typed(section.get(name, default), type(default), f"database.{name}")
-        if value < 0 or (value == 0 and name != "max_overflow"):
-            raise ConfigError(f"config.yaml: database.{name} must be positive, got {value!r}")
-        values[name] = value
-    return DatabaseConfig(**values)
-
-
-def _platform_key_policy(section: Mapping[str, Any]) -> PlatformKeyPolicy:
-    endpoints = section.get("allowed_endpoints", list(DEFAULT_PLATFORM_ENDPOINTS))
-    if not isinstance(endpoints, list):
-        raise ConfigError("config.yaml: platform_key.allowed_endpoints must be a list")
-    for entry in endpoints:
-        if not isinstance(entry, str) or not _ENDPOINT.fullmatch(entry):
-            raise ConfigError(
-                "config.yaml: platform_key.allowed_endpoints entries look like "
-                f"'POST /v1/chat/completions' (a trailing * matches any rest), got {entry!r}"
-            )
-    output = _typed(
-        section.get("default_output_tokens", 4096), int, "platform_key.default_output_tokens"
-    )
-    if output < 0:
-        raise ConfigError("config.yaml: platform_key.default_output_tokens must be >= 0")
-    return PlatformKeyPolicy(tuple(endpoints), output)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -480,32 +361,29 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return f"{problem}{where}"
 
 
-def _trusted_proxies(listed: Any, env: Mapping[str, str]) -> TrustedProxies:
+def _trusted_proxies(listed: list[str] | None, env: Mapping[str, str]) -> TrustedProxies:
     """`TRUSTED_PROXIES` (comma-separated) or `trusted_proxies:` (a list of CIDRs)."""
     if "TRUSTED_PROXIES" in env:
         entries = [e for e in env["TRUSTED_PROXIES"].split(",") if e.strip()]
         where = "TRUSTED_PROXIES"
     else:
-        listed = [] if listed is None else listed
-        if not isinstance(listed, list) or not all(isinstance(e, str) for e in listed):
-            raise ConfigError("config.yaml: 'trusted_proxies' must be a list of CIDRs (strings)")
-        entries, where = listed, "config.yaml: trusted_proxies"
+        entries, where = listed or [], "config.yaml: trusted_proxies"
     try:
         return TrustedProxies(parse_networks(entries))
     except ValueError as exc:
         raise ConfigError(f"{where}: {exc} (e.g. 10.0.0.0/8 or 2001:db8::/32)") from None
 
 
-def _logging_settings(raw: Mapping[str, Any], env: Mapping[str, str]) -> tuple[str, str]:
-    """(level, format): LOG_LEVEL / LOG_FORMAT, else `logging:`, else the older `log.level`."""
-    section = _section(raw, "logging", {"level", "format"})
-    older = _section(raw, "log", {"level"})
-    level = str(env.get("LOG_LEVEL") or section.get("level") or older.get("level") or "INFO")
+def _logging_settings(
+    level: str | None, fmt: str | None, env: Mapping[str, str]
+) -> tuple[str, str]:
+    """(level, format): LOG_LEVEL / LOG_FORMAT over config.yaml's, checked against proxy.logs."""
+    level = env.get("LOG_LEVEL") or level or "INFO"
     if level.upper() not in LEVELS:
         raise ConfigError(
             f"logging.level (or LOG_LEVEL) must be DEBUG, INFO, WARNING or ERROR, got {level!r}"
         )
-    fmt = str(env.get("LOG_FORMAT") or section.get("format") or "text")
+    fmt = env.get("LOG_FORMAT") or fmt or "text"
     if fmt.lower() not in FORMATS:
         raise ConfigError(f"logging.format (or LOG_FORMAT) must be text or json, got {fmt!r}")
     return level.upper(), fmt.lower()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import stat
 import subprocess
@@ -132,6 +133,113 @@ def test_bad_yaml_is_a_config_error(tmp_path: Path, text: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def load_text(tmp_path: Path, text: str) -> str:
+    """The ConfigError line that config.yaml `text` gives (it must give one)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env())
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        (
+            "tiers:\n  trial:\n    daily_requests: many\n",
+            "config.yaml: 'tiers.trial.daily_requests' must be an integer, got 'many'",
+        ),
+        (
+            "database:\n  lock_timeout: 2s\n",
+            "config.yaml: 'database.lock_timeout' must be a number, got '2s'",
+        ),
+        (
+            "upstream:\n  allow_insecure: 'no'\n",
+            "config.yaml: 'upstream.allow_insecure' must be true or false, got 'no'",
+        ),
+        (
+            "rate_limits:\n  fail: maybe\n",
+            "config.yaml: 'rate_limits.fail' must be 'open' or 'closed', got 'maybe'",
+        ),
+        (
+            "platform_key:\n  allowed_endpoints: [POST /v1/embeddings, GET /admin]\n",
+            "config.yaml: 'platform_key.allowed_endpoints[1]' must look like "
+            "'POST /v1/chat/completions' (a trailing * matches one path segment), got 'GET /admin'",
+        ),
+    ],
+)
+def test_wrong_type_in_a_section_names_its_dotted_path(
+    tmp_path: Path, text: str, line: str
+) -> None:
+    assert load_text(tmp_path, text) == line
+
+
+# Every mapping in config.yaml, and where an unknown key under it is reported.
+SECTIONS = {
+    "upstream": "upstream:\n  x: 1\n",
+    "limits": "limits:\n  x: 1\n",
+    "database": "database:\n  x: 1\n",
+    "tiers": "tiers:\n  x: {}\n",
+    "tiers.trial": "tiers:\n  trial: {x: 1}\n",
+    "platform_key": "platform_key:\n  x: 1\n",
+    "logging": "logging:\n  x: 1\n",
+    "log": "log:\n  x: 1\n",
+    "metrics": "metrics:\n  x: 1\n",
+    "admin": "admin:\n  x: 1\n",
+    "server": "server:\n  x: 1\n",
+    "rate_limits": "rate_limits:\n  x: 1\n",
+    "prices": "prices:\n  x: 1\n",
+}
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_unknown_key_in_each_section_is_refused(tmp_path: Path, section: str) -> None:
+    line = load_text(tmp_path, SECTIONS[section])
+    assert line.startswith(f"config.yaml: unknown setting(s) ['x'] under '{section}'"), line
+
+
+def test_every_section_of_the_shipped_file_is_checked_for_unknown_keys() -> None:
+    import yaml
+
+    shipped = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert {name for name, value in shipped.items() if isinstance(value, dict)} <= set(SECTIONS)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "limits:\n  max_body_bytes: true\n",
+        "limits:\n  failed_auth_per_minute: false\n",
+        "database:\n  pool_size: true\n",
+        "tiers:\n  pro:\n    daily_tokens: yes\n",
+        "upstream:\n  max_connections: true\n",
+        "admin:\n  port: true\n",
+        "cache_ttl_seconds: true\n",
+    ],
+)
+def test_a_bool_is_not_a_number(tmp_path: Path, text: str) -> None:
+    line = load_text(tmp_path, text)
+    assert re.search(r"' must be (an integer|a number), got (True|False)$", line), line
+
+
+def test_an_integer_is_a_number_of_seconds(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("cache_ttl_seconds: 2\nupstream:\n  read_timeout_seconds: 30\n")
+    config = load_config(path, env())
+    assert config.cache_ttl_seconds == 2.0 and isinstance(config.cache_ttl_seconds, float)
+    assert isinstance(config.upstream.read_timeout, float)
+
+
+def test_an_empty_setting_takes_its_default(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream:\n  base_url:\ntiers:\n  pro:\n  trial: {daily_requests: 5}\n")
+    config = load_config(path, env())
+    assert config.upstream.base_url == "https://api.openai.com/v1"
+    assert config.tiers["trial"].daily_requests == 5
+    assert config.tiers["trial"].platform_fallback is True  # the tier's own default kept
+
+
 def test_dev_generates_secrets_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / ".byok"
     first = load_config(REPO / "config.yaml", {}, dev=True, state_dir=state)
@@ -239,7 +347,7 @@ def test_sqlite_directory_not_writable(tmp_path: Path) -> None:
         ("limits:\n  max_body_bytes: [1,\n", ("not valid YAML", "line 3")),
         ("upstream:\n  base_url: x\n  read_timeout_seconds: 1\n\tbad: tab\n", ("line 4",)),
         ("limitz:\n  max_body_bytes: 1\n", ("unknown setting", "limitz")),
-        ("limits:\n  max_upload_bytes: lots\n", ("limits.max_upload_bytes", "must be int")),
+        ("limits:\n  max_upload_bytes: lots\n", ("limits.max_upload_bytes", "must be an integer")),
         ("trusted_proxies: [10.0.0.0/33]\n", ("trusted_proxies", "10.0.0.0/33")),
     ],
 )
