@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from fake_openai import FakeOpenAI, start_fake
 from helpers import ADMIN_TOKEN, GOOD_KEY, OTHER_KEY, REPO
 from servers import free_port, serve, serve_env, until
 from stack import TENANT_KEY
+from test_spend import PRICES_YAML
 
 from proxy import invalidation
 from proxy.security import generate_master_key
@@ -39,7 +41,11 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 # Long enough that only a notification explains a refusal; lock waits long enough for the
 # concurrent-registration test to hold a row while both registrations queue on it.
-YAML = "cache_ttl_seconds: 300\ndatabase:\n  lock_timeout: 30\n  statement_timeout: 30\n"
+YAML = (
+    "cache_ttl_seconds: 300\ndatabase:\n  lock_timeout: 30\n  statement_timeout: 30\n"
+    "tiers:\n  trial:\n    daily_requests: 20\n"  # the allowance test's
+    + PRICES_YAML  # the budget test's slow model, priced
+)
 
 
 @dataclass
@@ -75,10 +81,12 @@ class Replicas:
         )
         assert r.status_code == 200, r.text
 
-    def chat(self, key: str, replica: int, model: str = "gpt-4o-mini") -> httpx.Response:
+    def chat(
+        self, key: str, replica: int, model: str = "gpt-4o-mini", **extra: object
+    ) -> httpx.Response:
         return httpx.post(
             self.urls[replica] + "/v1/chat/completions",
-            json={**CHAT, "model": model},
+            json={**CHAT, "model": model, **extra},
             headers={"Authorization": f"Bearer {key}"},
             timeout=20,
         )
@@ -377,3 +385,62 @@ async def test_a_listener_reconnects_and_forgets_what_it_may_have_missed(
     finally:
         await listener.aclose()
         store.dispose()
+
+
+def _spread(replicas: Replicas, key: str, count: int) -> list[int]:
+    """`count` slow chats (`pause`, max_tokens 10) at once, dealt round-robin over the
+    three replicas; their statuses."""
+
+    def one(i: int) -> int:
+        return replicas.chat(key, i % 3, "pause", max_tokens=10).status_code
+
+    with ThreadPoolExecutor(24) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def _usage_lines(replicas: Replicas, tenant: str, count: int) -> list[dict[str, object]]:
+    """The usage lines of `tenant` (the three replicas append to one file), once `count`."""
+    path = Path(replicas.env["USAGE_LOG"])
+
+    def lines() -> list[dict[str, object]]:
+        rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+        return [x for x in rows if x["tenant_id"] == tenant]
+
+    until(lambda: len(lines()) >= count, 30, f"fewer than {count} usage lines for {tenant}")
+    return lines()
+
+
+def test_the_trial_allowance_holds_across_three_replicas(replicas: Replicas) -> None:
+    """60 requests at once over three replicas on a 20-request daily allowance: exactly 20
+    reach the upstream (the allowance is reserved in the database, row-locked)."""
+    key = replicas.tenant("trial-3", openai_key=None)  # a trial tenant needs no key
+    r = httpx.patch(
+        f"{replicas.urls[0]}/api/v1/tenants/trial-3", json={"tier": "trial"}, headers=ADMIN
+    )
+    assert r.status_code == 200, r.text
+    api_key = key["api_key"]
+    statuses = _spread(replicas, api_key, 60)
+    assert statuses.count(200) == 20 and statuses.count(402) == 40, statuses
+    lines = _usage_lines(replicas, "trial-3", 60)
+    assert sum(x["key_source"] == "platform" and x["status"] == 200 for x in lines) == 20
+
+
+def test_a_hard_budget_holds_across_three_replicas(replicas: Replicas) -> None:
+    """A nearly used budget, then 60 requests at once over the three replicas: spend stays
+    within the README's bound (the limit plus one request's estimate per process)."""
+    key = replicas.tenant("budget-3")["api_key"]
+    limit = 0.0001  # about 17 requests of this size
+    policy = {"policy": {"budgets": [{"period": "day", "limit_usd": limit, "hard": True}]}}
+    r = httpx.patch(f"{replicas.urls[0]}/api/v1/tenants/budget-3", json=policy, headers=ADMIN)
+    assert r.status_code == 200, r.text
+    before = [replicas.chat(key, i % 3, "pause", max_tokens=10).status_code for i in range(12)]
+    assert before == [200] * 12
+    statuses = _spread(replicas, key, 60)
+    assert set(statuses) == {200, 402}, statuses
+    lines = _usage_lines(replicas, "budget-3", 72)
+    spent = sum(float(x["cost_usd"] or 0) for x in lines)
+    # One request's estimate (a body under 200 bytes plus max_tokens, at gpt-4o-mini's
+    # output rate, the dearer) per process may overshoot; three processes.
+    estimate = (200 + 10) * 0.60 / 1e6
+    assert 0 < spent <= limit + 3 * estimate
+    assert before.count(200) + statuses.count(200) == sum(x["status"] == 200 for x in lines)
