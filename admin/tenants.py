@@ -170,12 +170,13 @@ def delete_tenant_row(session: Session, actor: audit.Actor, tenant_id: str) -> N
     tenant = get_tenant_or_404(session, tenant_id)
     for key in session.exec(select(ProxyKey).where(ProxyKey.tenant_id == tenant_id)).all():
         session.delete(key)
+        # Its own keys only: every process dropping every cached key would reload them all.
+        invalidation.key_changed(session, key.key_hash)
     audit.record(session, actor, tenant_id, "tenant.deleted", tenant.openai_key_hint)
     # Its trial allowance goes with it (a tenant re-created under the id starts afresh).
     session.execute(delete(TrialAllowance).where(col(TrialAllowance.tenant_id) == tenant_id))
     session.delete(tenant)
     invalidation.tenant_changed(session, tenant_id)
-    invalidation.keys_changed(session)
     session.commit()
 
 

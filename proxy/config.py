@@ -274,11 +274,11 @@ def load_config(
     return Config(
         keyring=keyring,
         admin_token=token,
-        database_url=env.get("DATABASE_URL") or file.database_url,
+        database_url=env.get("DATABASE_URL") or file.database_url or DEFAULT_DATABASE_URL,
         database=DatabaseConfig(**file.database.model_dump()),
         upstream=upstream,
         platform_openai_key=_platform_openai_key(env),
-        usage_log=env.get("USAGE_LOG") or file.usage_log,
+        usage_log=env.get("USAGE_LOG") or file.usage_log or "-",
         max_body_bytes=file.limits.max_body_bytes,
         max_upload_bytes=file.limits.max_upload_bytes,
         trusted_proxies=_trusted_proxies(file.trusted_proxies, env),

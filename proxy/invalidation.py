@@ -2,7 +2,7 @@
 
 Every change that must take effect at once (a proxy key revoked or updated, an
 OpenAI key set, removed or marked invalid, a tenant's tier or policy changed, a
-tenant deleted) calls `key_changed`, `keys_changed` or `tenant_changed` inside
+tenant deleted, with each of its keys) calls `key_changed` or `tenant_changed` inside
 the transaction that makes it. `pg_notify` is transactional: the message is
 delivered when the change commits, and never for one rolled back. The callers
 are the service functions shared by the admin API and the CLI, so a change made
@@ -16,8 +16,8 @@ caches to `cache_ttl_seconds` meanwhile, and reconnects with backoff; once
 listening again it drops every cached entry, since it may have missed messages.
 
 Payloads name what changed, never a secret: `tenant:<id>`, `key:<sha-256 of
-the proxy key>` (what the database stores), `keys` (every proxy key), each
-prefixed with the schema the change was made in (`public/keys`): the channel
+the proxy key>` (what the database stores), each prefixed with the schema the
+change was made in (`public/tenant:acme`): the channel
 is database-wide, and a listener ignores other schemas' messages.
 
 SQLite (one machine) keeps the TTL alone: publishing is a no-op, no listener.
@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 from collections.abc import AsyncIterator
 
 from sqlalchemy import text
@@ -59,11 +60,6 @@ def key_changed(session: Session, key_hash: str) -> None:
     _publish(session, f"key:{key_hash}")
 
 
-def keys_changed(session: Session) -> None:
-    """Announce, when `session` commits, that every cached proxy-key lookup is stale."""
-    _publish(session, "keys")
-
-
 def _publish(session: Session, payload: str) -> None:
     if session.get_bind().dialect.name == "postgresql":
         session.execute(_NOTIFY, {"channel": CHANNEL, "payload": payload})
@@ -76,8 +72,6 @@ def apply(store: Store, payload: str) -> None:
         store.invalidate_tenant(name)
     elif kind == "key" and name:
         store.invalidate_key(name)
-    elif kind == "keys":
-        store.invalidate_keys()
     else:
         store.invalidate_all()
 
@@ -117,13 +111,15 @@ class Listener:
         lost = False
         while True:
             try:
-                async for payload in self._listen():
-                    if lost:
-                        log.info("invalidation listener reconnected; caches cleared")
-                        lost = False
-                    pause = RECONNECT_FIRST
-                    if payload is not None:
-                        apply(self.store, payload)
+                # aclosing: the connection closes at once when applying a message fails
+                async with contextlib.aclosing(self._listen()) as payloads:
+                    async for payload in payloads:
+                        if lost:
+                            log.info("invalidation listener reconnected; caches cleared")
+                            lost = False
+                        pause = RECONNECT_FIRST
+                        if payload is not None:
+                            apply(self.store, payload)
             except Exception as error:  # any failure: the TTL covers until we are back
                 if not lost:
                     lost = True
@@ -133,7 +129,8 @@ class Listener:
                         type(error).__name__,
                     )
             self._listening.clear()
-            await asyncio.sleep(pause)
+            # Jittered: after a failover every process reconnects (and reloads) not at once.
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))  # noqa: S311 (timing)
             pause = min(pause * 2, RECONNECT_MAX)
 
     async def _listen(self) -> AsyncIterator[str | None]:

@@ -240,6 +240,13 @@ def test_an_empty_setting_takes_its_default(tmp_path: Path) -> None:
     assert config.tiers["trial"].platform_fallback is True  # the tier's own default kept
 
 
+def test_an_empty_database_url_or_usage_log_takes_its_default(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text('database_url: ""\nusage_log: ""\n')
+    config = load_config(path, env())
+    assert (config.database_url, config.usage_log) == ("sqlite:///./byok.db", "-")
+
+
 def test_dev_generates_secrets_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     state = tmp_path / ".byok"
     first = load_config(REPO / "config.yaml", {}, dev=True, state_dir=state)

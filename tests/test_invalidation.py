@@ -444,3 +444,13 @@ def test_a_hard_budget_holds_across_three_replicas(replicas: Replicas) -> None:
     estimate = (200 + 10) * 0.60 / 1e6
     assert 0 < spent <= limit + 3 * estimate
     assert before.count(200) + statuses.count(200) == sum(x["status"] == 200 for x in lines)
+
+
+def test_a_tenant_deleted_through_one_replica_is_gone_on_the_others(replicas: Replicas) -> None:
+    """Deleting a tenant announces each of its proxy keys (not every key of every tenant)."""
+    key = replicas.tenant("deleted-co")["api_key"]
+    for i in range(3):
+        assert replicas.chat(key, i).status_code == 200
+    r = httpx.delete(f"{replicas.urls[0]}/api/v1/tenants/deleted-co", headers=ADMIN)
+    assert r.status_code == 204, r.text
+    _refused_everywhere(replicas, key, [1, 2], 401)
