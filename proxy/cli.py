@@ -169,13 +169,13 @@ def cmd_gen_key(args: argparse.Namespace) -> int:
 
 def cmd_rotate_keys(args: argparse.Namespace) -> int:
     from proxy.rotation import run_rotate_keys
-    from proxy.store import Store, migrate
+    from proxy.store import Store, check_schema
 
     config = _config(args, dev=args.dev)
     _setup_logging(config.log_level, config.log_format)
     store = Store.connect(config.database_url)
     try:
-        migrate(store.engine)
+        check_schema(store.engine)  # an older schema: `byok-proxy migrate` upgrades it
         return run_rotate_keys(
             store,
             config.keyring,

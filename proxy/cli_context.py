@@ -1,5 +1,5 @@
 """What a `byok-proxy` command runs with: its configuration, asking only for the
-secrets it uses, and a session on the migrated database.
+secrets it uses, and a session on the database (an older schema refused).
 
 With `--dev`, secrets come from `./.byok/` exactly as for `serve --dev` (made
 there on first use). Without it, a secret the command never uses is not asked
@@ -59,7 +59,7 @@ def _unused_admin_token() -> str:
 
 @contextmanager
 def session(args: argparse.Namespace, config: Config | None = None) -> Iterator[Session]:
-    """A session on the migrated database; errors become one-line CommandFailed.
+    """A session on the database (its schema current); errors become one-line CommandFailed.
 
     `config`: one a command loaded with its ENCRYPTION_KEY; the vault functions
     (`proxy.security.encrypt_openai_key`) then use it. Without it, the command's
@@ -69,14 +69,14 @@ def session(args: argparse.Namespace, config: Config | None = None) -> Iterator[
 
     from proxy.errors import ProxyError
     from proxy.security import Vault, configure
-    from proxy.store import Store, migrate
+    from proxy.store import Store, check_schema
 
     with_secrets = config is not None
     config = config or command_config(args)
     store = None
     try:
         store = Store.connect(config.database_url, limits=config.database)
-        migrate(store.engine)
+        check_schema(store.engine)  # an older schema: `byok-proxy migrate` upgrades it
         if with_secrets:
             configure(Vault(config.keyring, store.load_ciphertext))
         with store.session() as s:

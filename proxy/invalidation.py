@@ -30,7 +30,7 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -133,7 +133,7 @@ class Listener:
             await asyncio.sleep(pause * random.uniform(0.5, 1.5))  # noqa: S311 (timing)
             pause = min(pause * 2, RECONNECT_MAX)
 
-    async def _listen(self) -> AsyncIterator[str | None]:
+    async def _listen(self) -> AsyncGenerator[str | None, None]:
         """Connect, LISTEN, clear the caches, then yield each payload (None once listening)."""
         import psycopg  # the driver; only PostgreSQL deployments load it here
 

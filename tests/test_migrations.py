@@ -301,3 +301,21 @@ def test_an_upgrade_from_the_first_revision_keeps_and_serves_every_row(
     assert {"tenant.created", "openai_key.set", "proxy_key.revoked"} <= {
         event["action"] for event in audit.json()["data"]
     }
+
+
+def test_cli_database_commands_refuse_an_older_schema_too(
+    database_url: str, tmp_path: Path, master_key: str
+) -> None:
+    """Only `migrate` upgrades: a newer CLI run against a live database mid-rollout must not
+    upgrade it under the replicas still serving the old schema."""
+    _upgrade(database_url, "0001")
+    env = _env(database_url, ENCRYPTION_KEY=master_key, ADMIN_TOKEN=ADMIN_TOKEN)
+    for args in (["tenants", "list"], ["rotate-keys"]):
+        code, err = _finish(_start(args, tmp_path, env))
+        assert code != 0 and "older than this byok-proxy" in err, (args, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
+    engine = make_engine(database_url)
+    try:
+        assert store_module.current_revision(engine) == "0001"  # untouched
+    finally:
+        engine.dispose()
