@@ -28,25 +28,15 @@ MAX_KEY_INPUT = 8192  # characters read from stdin for set-key (a key is at most
 
 
 def tenants_create(args: argparse.Namespace) -> int:
-    from admin.schemas import TenantCreate
+    from admin.schemas import TenantCreate, tenant_created
     from admin.tenants import create_tenant_row
     from proxy.audit import SYSTEM
-    from proxy.models import rfc3339
 
     body = validated(TenantCreate, {"name": args.name, "tier": args.tier, "id": args.id})
     with session(args) as s:
         tenant, key, plaintext = create_tenant_row(s, SYSTEM, body.name, body.tier, body.id)
     if args.json:
-        print_json(
-            {
-                "id": tenant.id,
-                "name": tenant.name,
-                "tier": tenant.tier,
-                "api_key": plaintext,
-                "api_key_id": key.id,
-                "created_at": rfc3339(tenant.created_at),
-            }
-        )
+        print_json(tenant_created(tenant, key, plaintext))
     else:
         print(f"tenant {tenant.id} ({tenant.tier}) created.")
         print(f"proxy key {key.id} (shown once): {plaintext}")

@@ -324,6 +324,18 @@ def tenant_public(tenant: Tenant) -> dict[str, Any]:
     ).model_dump(mode="json")
 
 
+def tenant_created(tenant: Tenant, key: ProxyKey, plaintext: str) -> dict[str, Any]:
+    """The answer to a tenant's creation (admin API and CLI): its proxy key, this once."""
+    return TenantCreated(
+        id=tenant.id,
+        name=tenant.name,
+        tier=tenant.tier,  # type: ignore[arg-type]
+        api_key=plaintext,
+        api_key_id=key.id,
+        created_at=tenant.created_at,
+    ).model_dump(mode="json")
+
+
 def api_key_public(key: ProxyKey) -> dict[str, Any]:
     """The public view of a proxy key, as JSON: never its secret or hash."""
     return ApiKeyPublic(

@@ -19,11 +19,12 @@ from admin.schemas import (
     TenantUpdate,
     api_key_public,
     read_body,
+    tenant_created,
     tenant_public,
 )
 from proxy import audit, invalidation, policy
 from proxy.errors import Conflict, NotFound, ValidationFailed
-from proxy.models import ProxyKey, Tenant, TrialAllowance, rfc3339, utcnow
+from proxy.models import ProxyKey, Tenant, TrialAllowance, utcnow
 from proxy.security import hash_proxy_key, new_proxy_key
 
 
@@ -85,14 +86,7 @@ async def create_tenant(request: Request) -> Response:
 
     tenant, key, plaintext = await store.run(work)
     return JSONResponse(
-        {
-            "id": tenant.id,
-            "name": tenant.name,
-            "tier": tenant.tier,
-            "api_key": plaintext,
-            "api_key_id": key.id,
-            "created_at": rfc3339(tenant.created_at),
-        },
+        tenant_created(tenant, key, plaintext),
         status_code=201,
     )
 

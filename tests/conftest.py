@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -25,15 +27,37 @@ from proxy.security import generate_master_key
 PG_URL = os.environ.get("BYOK_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
-def _postgres_schema_url() -> Iterator[str]:
+def _reachable_postgres(**options: Any) -> sqlalchemy.Engine:
+    """An engine to the test server, or the test skips (fails under BYOK_REQUIRE_POSTGRES=1)."""
     try:
-        engine = sqlalchemy.create_engine(PG_URL)
+        engine = sqlalchemy.create_engine(PG_URL, **options)
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text("SELECT 1"))
     except Exception as exc:
         if os.environ.get("BYOK_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PostgreSQL required (BYOK_REQUIRE_POSTGRES=1) but unreachable: {exc}")
         pytest.skip(f"PostgreSQL unreachable at {PG_URL}")
+    return engine
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[tuple[str, str]]:
+    """A new database of the caller's own on the test server: (its name, its URL); dropped
+    after, its connections forced off."""
+    admin = _reachable_postgres(isolation_level="AUTOCOMMIT")
+    name = prefix + secrets.token_hex(6)
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
+    try:
+        yield name, sqlalchemy.make_url(PG_URL).set(database=name).render_as_string(False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def _postgres_schema_url() -> Iterator[str]:
+    engine = _reachable_postgres()
     schema = "byok_test_" + secrets.token_hex(6)
     with engine.begin() as conn:
         conn.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))

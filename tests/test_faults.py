@@ -6,7 +6,6 @@ recovers without a restart."""
 from __future__ import annotations
 
 import os
-import secrets
 import sqlite3
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import sqlalchemy
-from conftest import PG_URL
+from conftest import PG_URL, fresh_postgres_database
 from fake_openai import start_fake
 from helpers import ADMIN_TOKEN, bearer
 from servers import create_tenant, free_port, serve, serve_env, until
@@ -163,22 +162,8 @@ def test_sqlite_read_only_spell(tmp_path: Path, master_key: str, upstream: str) 
 @pytest.fixture
 def pg_database() -> Iterator[tuple[str, str]]:
     """A PostgreSQL database of this test's own: (url, application_name of its connections)."""
-    name = "byok_fault_" + secrets.token_hex(4)
-    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    except sqlalchemy.exc.OperationalError as exc:
-        if os.environ.get("BYOK_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL required but unreachable: {exc}")
-        pytest.skip("PostgreSQL unreachable")
-    base = PG_URL.rsplit("/", 1)[0]
-    try:
-        yield f"{base}/{name}?application_name={name}", name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+    with fresh_postgres_database("byok_fault_") as (name, url):
+        yield f"{url}?application_name={name}", name
 
 
 def test_postgres_connections_terminated(

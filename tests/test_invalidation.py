@@ -11,21 +11,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import sqlalchemy
-from conftest import PG_URL
+from conftest import fresh_postgres_database
 from fake_openai import FakeOpenAI, start_fake
 from helpers import ADMIN_TOKEN, GOOD_KEY, OTHER_KEY, REPO
 from servers import free_port, serve, serve_env, until
@@ -134,33 +133,11 @@ def _refused_everywhere(
     return time.monotonic() - start
 
 
-@contextmanager
-def _fresh_database() -> Iterator[tuple[str, str]]:
-    """A new database on the test server: (its name, its URL); dropped after."""
-    try:
-        admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT 1"))
-    except Exception as exc:
-        if os.environ.get("BYOK_REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"PostgreSQL required (BYOK_REQUIRE_POSTGRES=1) but unreachable: {exc}")
-        pytest.skip(f"PostgreSQL unreachable at {PG_URL}")
-    name = "byok_inv_" + secrets.token_hex(6)
-    with admin.connect() as conn:
-        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name}"))
-    try:
-        yield name, sqlalchemy.make_url(PG_URL).set(database=name).render_as_string(False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sqlalchemy.text(f"DROP DATABASE {name} WITH (FORCE)"))
-        admin.dispose()
-
-
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     tmp = tmp_path_factory.mktemp("replicas")
     with ExitStack() as stack:
-        name, url = stack.enter_context(_fresh_database())
+        name, url = stack.enter_context(fresh_postgres_database("byok_inv_"))
         fake, fake_server = start_fake()
         stack.enter_context(fake_server)
         env = serve_env(tmp, generate_master_key(), url, fake.base_url, YAML)
