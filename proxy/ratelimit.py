@@ -344,8 +344,6 @@ class RateLimiter:
 
         Returns None when nothing limits it; raises RateLimitExceeded (429) or, with
         Redis down and fail closed, RateLimiterUnavailable (503)."""
-        if self._redis is None:
-            return self.admit_here(limits, tokens)
         active, caps = self._shape(limits)
         if not active:
             return None
@@ -415,12 +413,8 @@ class RateLimiter:
     @staticmethod
     def _deltas(ticket: Ticket, actual_tokens: int) -> tuple[list[Limit], list[int]]:
         actual = actual_tokens if actual_tokens > 0 else 0
-        estimate = ticket.tokens
         limits = [lim for lim in ticket.limits if lim.tpm is not None]
-        return limits, [
-            actual - (estimate if estimate < lim.tpm else lim.tpm)  # type: ignore[operator]
-            for lim in limits
-        ]
+        return limits, [actual - _cost(lim, ticket.tokens) for lim in limits]
 
     async def settle(self, ticket: Ticket, actual_tokens: int | None) -> None:
         """Add `actual_tokens` minus the ticket's estimate to its token buckets, however

@@ -152,7 +152,8 @@ class SpendControl:
         if not limits and not budgeted:
             return None
         admission = Admission()
-        limit, choices = requested_output(record.path, counts)
+        # The request's output limit: for TPM and a hard budget's estimate only.
+        limit, choices = requested_output(record.path, counts) if limits or plan.hard else (0, 0)
         if limits:
             # As OpenAI counts a request against TPM: its prompt, plus its output limit.
             metered = record.path in USAGE_ENDPOINTS
@@ -164,8 +165,10 @@ class SpendControl:
             if admission.ticket is not None:
                 admission.headers.extend(admission.ticket.headers)
         if budgeted:
-            output = (self.default_output if limit is None else limit) * choices
-            estimate = self._estimate(record, counts, body_size, output) if plan.hard else 0
+            estimate: int | ModelNotPriced = 0  # soft budgets count the cost at settle
+            if plan.hard:
+                output = (self.default_output if limit is None else limit) * choices
+                estimate = self._estimate(record, counts, body_size, output)
             try:
                 await self._hold(admission, budgeted, tenant.id, estimate, record)
             except BaseException:
