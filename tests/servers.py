@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,11 +19,30 @@ from urllib.parse import urlsplit
 import httpx
 
 
+_PORTS_FROM = 20000  # below the kernel's ephemeral range (32768-60999 by default)
+_PORTS_PER_WORKER = 1500
+_next_port = itertools.count(random.randrange(_PORTS_PER_WORKER))
+
+
 def free_port() -> int:
-    """An unused TCP port on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """An unused TCP port on loopback, for a server a test is about to start.
+
+    Not the kernel's `bind(("127.0.0.1", 0))`: that port comes from the ephemeral range,
+    where, before the server binds it, an in-process fake or an outgoing connection of
+    another test may be given the same port, and the test then talks to the wrong server.
+    Ports here come from below that range, a block of its own for each xdist worker, so no
+    other test and no ephemeral allocation can take one in the meantime."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    base = _PORTS_FROM + (int(worker) if worker.isdigit() else 0) % 8 * _PORTS_PER_WORKER
+    for _ in range(_PORTS_PER_WORKER):
+        port = base + next(_next_port) % _PORTS_PER_WORKER
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in this worker's block")
 
 
 def wait_until_up(
