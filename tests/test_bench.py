@@ -25,7 +25,17 @@ def test_bench_quick_runs(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["streams"]["correct"] == report["streams"]["count"]
+    assert report["streams"]["proxy_correct"] == report["streams"]["count"]
+    assert report["streams"]["reference_correct"] == report["streams"]["count"]
     assert report["streams"]["direct_correct"] == report["streams"]["count"]
     assert report["scale"]["errors"] == 0 and report["c64"]["errors"] == 0
-    assert report["c64"]["proxy_rps"] > 0 and "latency c=1 p50" in result.stdout
+    assert report["c64"]["proxy_rps"] > 0 and report["c64"]["reference_rps"] > 0
+    # Every goal is printed with its verdict, judged from figures of this run.
+    assert len(report["goals"]) == 8
+    for goal in report["goals"]:
+        verdict = "PASS" if goal["pass"] else "FAIL"
+        assert goal["pass"] == (goal["measured"] <= goal["limit"])
+        assert any(
+            line.startswith(goal["goal"]) and line.endswith(verdict)
+            for line in result.stdout.splitlines()
+        ), goal
