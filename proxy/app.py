@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib
 import itertools
 import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp
 
-from admin.app import create_admin_app
 from proxy import credentials, invalidation, security
 from proxy.asgi import Message, Receive, Scope, Send, send_error, send_json
 from proxy.auth_limit import FailedAuthLimit
@@ -35,6 +37,9 @@ from proxy.spend import SpendControl
 from proxy.store import Store, check_schema
 from proxy.upstream import make_client
 from proxy.usage_sink import UsageLog
+
+if TYPE_CHECKING:
+    from starlette.applications import Starlette
 
 log = logging.getLogger("byok")
 
@@ -62,10 +67,23 @@ class ByokApp:
         self.config = config
         self.serve_proxy = serve_proxy
         self.serve_admin = serve_admin
-        self.admin = create_admin_app()
+        self._admin: Starlette | None = None  # the admin API, built on first use
         self.runtime: Runtime | None = None
         self.forwarder: Forwarder | None = None
         self.new_request_id = RequestIds()
+        self.console: ASGIApp | None = None  # admin.console, built on first use
+
+    @property
+    def admin(self) -> Starlette:
+        """The admin API app, imported and built on first use: a process that serves only
+        `/v1` (the admin API on its own port) never loads it, and every process starts
+        sooner (see README, Performance)."""
+        if self._admin is None:
+            from admin.app import create_admin_app
+
+            self._admin = create_admin_app()
+            self._admin.state.runtime = self.runtime
+        return self._admin
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[Runtime]:
@@ -108,13 +126,16 @@ class ByokApp:
             spend=spend,
         )
         flusher = asyncio.create_task(spend.run())
+        if self.serve_admin:  # imported in the background: /healthz answers sooner
+            warming = asyncio.create_task(asyncio.to_thread(importlib.import_module, "admin.app"))
         heartbeat = Heartbeat(store, config.keyring)  # rotate-keys reads it
         await heartbeat.start()
         listener = invalidation.Listener(store)  # PostgreSQL: other replicas' changes at once
         await listener.start()
         self.forwarder = Forwarder(runtime, upstream_client)
         self.runtime = runtime
-        self.admin.state.runtime = runtime
+        if self._admin is not None:
+            self._admin.state.runtime = runtime
         security.configure(runtime.vault)  # the seed's module-level functions use it
         # Startup objects are long-lived: keep them out of every collection.
         gc.collect()
@@ -125,6 +146,8 @@ class ByokApp:
             self.runtime = None
             security.unconfigure(runtime.vault)
             await self.forwarder.drain()
+            if self.serve_admin:
+                await warming
             await spend.aclose()
             await flusher
             await upstream_client.close()
@@ -174,6 +197,8 @@ class ByokApp:
             await send_error(send_with_id, ServiceUnavailable("Not started.", code="not_ready"))
         elif path.startswith("/api/") and self.serve_admin:
             await self.admin(scope, receive, send_with_id)
+        elif path.startswith("/console") and self.serve_admin and self.config.console:
+            await self._console()(scope, receive, send_with_id)
         elif path == "/healthz":
             await send_json(send_with_id, 200, b'{"status":"ok"}')
         elif path == "/readyz":
@@ -182,6 +207,14 @@ class ByokApp:
             await self._metrics(scope, send_with_id)
         else:
             await send_error(send_with_id, NotFound(f"No such route: {path[:100]}"))
+
+    def _console(self) -> ASGIApp:
+        """The web console (`admin.console`), imported and built on first use."""
+        if self.console is None:
+            from admin.console import create_console_app
+
+            self.console = create_console_app(self.admin, self.config)
+        return self.console
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         assert self.runtime is not None

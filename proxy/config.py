@@ -171,6 +171,7 @@ class Config:
     metrics_require_auth: bool = False
     admin_host: str | None = None
     admin_port: int | None = None
+    console: bool = True  # serve the web console under /console beside /api/
     shutdown_timeout_seconds: float = 30.0
     rate_limits: RateLimitConfig = field(default_factory=RateLimitConfig)
     prices: Any = None  # proxy.prices.PriceTable (set by load_config)
@@ -298,6 +299,7 @@ def load_config(
         metrics_require_auth=file.metrics.require_admin_token,
         admin_host=file.admin.host or None,
         admin_port=file.admin.port,
+        console=file.admin.console,
         rate_limits=_rate_limit_config(file, env),
         prices=load_prices(file.prices),
         shutdown_timeout_seconds=file.server.shutdown_timeout_seconds,

@@ -122,6 +122,7 @@ class MetricsSection(_Section):
 class AdminSection(_Section):
     host: str | None = None
     port: int | None = None
+    console: bool = True  # the web console under /console (admin.console)
 
 
 class ServerSection(_Section):

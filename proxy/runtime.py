@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-
-import httpx
+from typing import TYPE_CHECKING
 
 from proxy.auth_limit import FailedAuthLimit
 from proxy.config import Config
@@ -18,6 +17,9 @@ from proxy.security import Vault
 from proxy.spend import SpendControl
 from proxy.store import Store
 from proxy.usage_sink import UsageLog
+
+if TYPE_CHECKING:
+    import httpx
 
 
 @dataclass
@@ -35,12 +37,15 @@ class Runtime:
 
     @property
     def validation_client(self) -> httpx.AsyncClient:
-        """The client of key validation, made on first use (its TLS setup costs ~7 MB).
+        """The client of key validation, made (and httpx imported) on first use: its TLS
+        setup costs ~7 MB, and a process serving only `/v1` never validates a key.
 
         Like the proxy's own client: no cookies kept between tenants (a jar that
         refuses every cookie), no proxy settings from the environment.
         """
         if self._validation_client is None:
+            import httpx
+
             self._validation_client = httpx.AsyncClient(
                 timeout=httpx.Timeout(self.config.upstream.validation_timeout),
                 follow_redirects=False,

@@ -192,6 +192,22 @@ def _revisions() -> set[str]:
     return {path.name.split("_", 1)[0] for path in (_MIGRATIONS / "versions").glob("[0-9]*.py")}
 
 
+def schema_is_current(url: str, limits: DatabaseConfig) -> bool:
+    """Whether the database at `url` is at HEAD_REVISION, checked without Alembic. Any
+    doubt (unreachable, empty, older, newer) answers False: `migrate` then says what
+    is wrong, in its one line."""
+    try:
+        engine = make_engine(url, limits)
+    except ConfigError:
+        return False
+    try:
+        return known_revision(engine) == HEAD_REVISION
+    except (ConfigError, exc.SQLAlchemyError):
+        return False
+    finally:
+        engine.dispose()
+
+
 def check_schema(engine: Engine) -> None:
     """A serving worker's startup check: HEAD_REVISION, or one line saying what to do.
 
