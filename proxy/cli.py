@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from admin import cli_keys, cli_tenants
 from proxy import cli_usage
-from proxy.cli_args import Parser, Version, about, common, positive_int
+from proxy.cli_args import Parser, Version, about, common, positive_int, worker_count
 from proxy.cli_context import ADMIN_TOKEN, ENCRYPTION_KEY, command_config
 from proxy.cli_output import CommandFailed, note
 from proxy.config import ConfigError
@@ -235,7 +235,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on")
     serve.add_argument(
-        "--workers", type=positive_int, default=1, help="worker processes (1 or more)"
+        "--workers",
+        type=worker_count,
+        default=1,
+        help="worker processes: 1 or more, or auto (one per CPU this process may use)",
     )
     serve.add_argument("--config", default=None)
     serve.add_argument(

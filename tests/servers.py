@@ -18,7 +18,6 @@ from urllib.parse import urlsplit
 
 import httpx
 
-
 _PORTS_FROM = 20000  # below the kernel's ephemeral range (32768-60999 by default)
 _PORTS_PER_WORKER = 1500
 _next_port = itertools.count(random.randrange(_PORTS_PER_WORKER))

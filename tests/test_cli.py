@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from fake_openai import FakeOpenAI, start_fake
 from helpers import ADMIN_TOKEN, GOOD_KEY, OTHER_KEY, REPO
 from servers import free_port, serve
 
+from proxy.cli_args import usable_cpus, worker_count
 from proxy.security import Keyring, generate_master_key
 
 SECRETS = ("ENCRYPTION_KEY", "ADMIN_TOKEN", "DATABASE_URL", "BYOK_CONFIG", "OPENAI_BASE_URL")
@@ -125,6 +127,25 @@ def test_workers_zero_is_refused(tmp_path: Path) -> None:
     result = run(["serve", "--workers", "0"], tmp_path)
     assert result.returncode == 2
     assert "--workers: must be 1 or more" in result.stderr
+
+
+def test_workers_auto_and_the_cpus_it_counts(tmp_path: Path) -> None:
+    assert worker_count("auto") == worker_count("AUTO") == usable_cpus() >= 1
+    assert worker_count("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError, match=r"must be 1 or more.*\(or auto\)"):
+        worker_count("0")
+    affinity = len(os.sched_getaffinity(0))
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    assert usable_cpus(cgroup) == affinity  # no cpu.max: no quota
+    (cgroup / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(cgroup) == affinity
+    (cgroup / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one worker
+    assert usable_cpus(cgroup) == 1
+    (cgroup / "cpu.max").write_text("150000 100000\n")  # --cpus 1.5: rounded up
+    assert usable_cpus(cgroup) == min(affinity, 2)
+    (cgroup / "cpu.max").write_text("6400000 100000\n")  # more than we may run on
+    assert usable_cpus(cgroup) == affinity
 
 
 def test_serve_refuses_to_start_without_secrets(tmp_path: Path) -> None:

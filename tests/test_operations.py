@@ -12,8 +12,10 @@ import httpx
 from fake_openai import STREAM_CHUNKS, start_fake
 from helpers import ADMIN_TOKEN
 from prometheus_client.parser import text_string_to_metric_families
-from servers import free_port, serve, serve_env, until_both_workers
+from servers import free_port, serve, serve_env, until, until_both_workers
 from stack import Stack
+
+from proxy.cli_args import usable_cpus
 
 SHUTDOWN_YAML = "server:\n  shutdown_timeout_seconds: 20\n"
 
@@ -180,3 +182,32 @@ def test_sigterm_lets_streams_finish(tmp_path: Path, master_key: str) -> None:
     streamed = [x for x in lines if x["stream"]]
     assert len(streamed) == 1 and streamed[0]["status"] == 200
     assert streamed[0]["total_tokens"] == 18 and streamed[0]["client_disconnected"] is False
+
+
+def _worker_children(pid: int) -> int:
+    """How many uvicorn worker processes (multiprocessing spawn children) `pid` has."""
+    count = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        count += ppid == pid and b"spawn_main" in cmdline
+    return count
+
+
+def test_workers_auto_starts_one_per_usable_cpu(
+    tmp_path: Path, database_url: str, master_key: str
+) -> None:
+    cpus = usable_cpus()
+    env = serve_env(tmp_path, master_key, database_url, "http://127.0.0.1:9/v1")
+    port = free_port()
+    with serve(["--workers", "auto"], env, tmp_path, port, tmp_path / "serve.log") as proc:
+        expected = cpus if cpus > 1 else 0  # one worker runs in the `serve` process itself
+        until(lambda: _worker_children(proc.pid) == expected, 60, "worker count")
+        for _ in range(10):  # and stays there: no extra worker appears late
+            assert _worker_children(proc.pid) == expected
+            time.sleep(0.05)
