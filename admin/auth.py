@@ -16,6 +16,11 @@ from proxy.errors import Forbidden, NotFound, ProxyKeyExpired, Unauthorized
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX, bearer_token, tokens_equal
 
+# Set in the ASGI scope's state by the console (in process; no HTTP request can set it)
+# when it uses the admin token for a signed-in tenant's own id: the call is confined to
+# that id and audited as the tenant's (`admin.console.context`).
+ACTING_FOR = "byok.acting_for_tenant"
+
 
 def runtime_of(request: Request) -> Runtime:
     """The shared runtime of the app serving this request."""
@@ -31,7 +36,12 @@ async def authorize(request: Request, *, self_route: bool = False) -> Actor:
     source_ip = runtime.config.trusted_proxies.client(request.scope)
     guards = runtime.auth_limit
     if token is not None and tokens_equal(token, runtime.config.admin_token.reveal()):
-        return Actor("admin", None, request_id, source_ip)
+        acting_for = request.scope.get("state", {}).get(ACTING_FOR)
+        if acting_for is None:
+            return Actor("admin", None, request_id, source_ip)
+        if request.path_params.get("tenant_id") != acting_for:
+            raise NotFound("No such tenant.")
+        return Actor("tenant", acting_for, request_id, source_ip)
     known = token is not None and runtime.store.recently_valid(token)
     if not known and guards.over(source_ip):
         raise guards.refuse()  # guessing proxy keys: no lookup

@@ -1,0 +1,133 @@
+"""What every console handler shares: the admin API, the sessions, and the signed-in check.
+
+Proxy-key management (list, issue, revoke) is admin-only in the admin API
+(SPEC section 4). The console offers it to a tenant for its own id: the
+tenant's credential first passes the admin API's own self check for that id
+(`GET /tenants/{id}`), and only then is the key route called with the admin
+token, marked as acting for that tenant (`as_key_manager`): the admin API then
+refuses any other id and audits the change as the tenant's. Nothing else is
+called with a credential the user did not sign in with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from admin.console.api import AdminAPI, Answer, path
+from admin.console.render import error_page
+from admin.console.session import PRE_COOKIE, Session, Sessions
+from proxy.config import TierPolicy
+from proxy.security import Secret
+
+MAX_FORM_BYTES = 64 * 1024
+
+
+class Problem(Exception):
+    """A handler stops with this page (an error, or a redirect to sign in)."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+@dataclass
+class Console:
+    api: AdminAPI
+    sessions: Sessions
+    admin_token: Secret
+    tiers: dict[str, TierPolicy]
+
+    def session(self, request: Request) -> Session:
+        """The signed-in user, or a redirect to the sign-in page."""
+        session = self.sessions.open(request)
+        if session is None:
+            raise Problem(RedirectResponse("/console/sign-in", status_code=303))
+        request.scope["console.session"] = session
+        return session
+
+    async def form(self, request: Request, session: Session | None) -> dict[str, str]:
+        """A POSTed form (at most 64 KiB), its CSRF token checked against the session's."""
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_FORM_BYTES:
+                raise Problem(error_page(request, 413, "That form was too large."))
+        fields = {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
+        expected = session.csrf if session else request.cookies.get(PRE_COOKIE, "")
+        if not expected or not self.sessions.csrf_ok(fields.get("csrf"), expected):
+            raise Problem(
+                error_page(
+                    request,
+                    403,
+                    "csrf_failed: this form was not sent from a current console page. "
+                    "Reload the page and try again.",
+                )
+            )
+        return fields
+
+    async def call(
+        self, request: Request, session: Session, method: str, target: str, **kw: Any
+    ) -> Answer:
+        """The admin API as the signed-in user."""
+        return await self.api.call(request, session.credential, method, target, **kw)
+
+    async def need(
+        self, request: Request, session: Session, method: str, target: str, **kw: Any
+    ) -> Any:
+        """The body of a call that must succeed; otherwise the page that says why."""
+        answer = await self.call(request, session, method, target, **kw)
+        if not answer.ok:
+            raise Problem(self.failure(request, answer))
+        return answer.body
+
+    async def as_key_manager(
+        self,
+        request: Request,
+        session: Session,
+        tenant_id: str,
+        method: str,
+        *parts: str,
+        **kw: Any,
+    ) -> Answer:
+        """A proxy-key route of `tenant_id`: as the operator, or for a tenant on its own id
+        once the admin API has accepted its credential for that id (see the docstring)."""
+        target = path("tenants", tenant_id, "api-keys", *parts)
+        if session.is_operator:
+            return await self.call(request, session, method, target, **kw)
+        if session.tenant_id != tenant_id:
+            return Answer(404, {"error": {"message": "No such tenant.", "code": "not_found"}})
+        check = await self.call(request, session, "GET", path("tenants", tenant_id))
+        if not check.ok:
+            return check
+        return await self.api.call(
+            request, self.admin_token, method, target, acting_for=tenant_id, **kw
+        )
+
+    def failure(self, request: Request, answer: Answer) -> Response:
+        """The page for an admin API refusal: back to sign-in when the credential no
+        longer works, else the status and its message."""
+        if answer.status == 401:
+            response = RedirectResponse("/console/sign-in?notice=expired", status_code=303)
+            self.sessions.clear_cookie(response, request)
+            return response
+        if answer.status == 404:
+            return error_page(request, 404, "No such tenant, or not one you may see.")
+        if answer.status == 403:
+            return error_page(request, 403, "Your sign-in may not see or do this.")
+        return error_page(request, answer.status, answer.message or "The admin API failed.")
+
+
+def console_of(request: Request) -> Console:
+    console: Console = request.app.state.console
+    return console
+
+
+def month_start_and_today() -> tuple[str, str]:
+    """This calendar month so far (UTC), as the usage API's `from` and `to`."""
+    today = datetime.now(UTC).date()
+    return today.replace(day=1).isoformat(), today.isoformat()
