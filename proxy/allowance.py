@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime
 
 from sqlalchemy import update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from proxy.config import TierPolicy
 from proxy.models import TrialAllowance
 from proxy.platform import USAGE_ENDPOINTS
+from proxy.upsert import insert_for
 from proxy.usage import UsageRecord
 
 log = logging.getLogger("byok.allowance")
@@ -67,7 +67,7 @@ def reserve(
         return None
     held = min(estimate, policy.daily_tokens)
     day = today()
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    insert = insert_for(engine.dialect.name)
     stmt = (
         insert(_TABLE)
         .values(tenant_id=tenant_id, day=day, requests=1, tokens=0, reserved=held)

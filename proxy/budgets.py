@@ -39,13 +39,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
 from proxy import audit
 from proxy.errors import BudgetExceeded
 from proxy.models import BudgetSpend
 from proxy.policy import Budget, period_end, period_start
+from proxy.upsert import insert_for
 
 _TABLE = BudgetSpend.__table__  # type: ignore[attr-defined]
 LEASE_SHARE = 50  # a lease asks for 1/50 of the limit (or the estimate, if more)
@@ -209,7 +209,7 @@ def claim(session: Session, key: LeaseKey, want: int, limit: int) -> tuple[int, 
     """
     scope, period, start = key
     where = (_TABLE.c.scope == scope) & (_TABLE.c.period == period) & (_TABLE.c.start == start)
-    insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert  # type: ignore[union-attr]
+    insert = insert_for(session.bind.dialect.name)  # type: ignore[union-attr]
     session.execute(
         insert(_TABLE)
         .values(scope=scope, period=period, start=start, spent_nanos=0, reserved_nanos=0)
@@ -234,7 +234,7 @@ def write(session: Session, ops: list[Op]) -> dict[LeaseKey, int]:
     A soft budget crossed for the first time in its period gets its audit event
     (`budget.soft_exceeded`) here, once across every worker and replica.
     """
-    insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert  # type: ignore[union-attr]
+    insert = insert_for(session.bind.dialect.name)  # type: ignore[union-attr]
     spent_now = {}
     for op in sorted(ops, key=lambda o: o.key):
         scope, period, start = op.key

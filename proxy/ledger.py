@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 from sqlalchemy import update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session, col
 
 from proxy.models import ProxyKey, UsageLedger
+from proxy.upsert import insert_for
 from proxy.usage import UsageRecord
 
 _TABLE = UsageLedger.__table__  # type: ignore[attr-defined]
@@ -119,7 +119,7 @@ class Ledger:
 
 def write(session: Session, batch: Batch) -> None:
     """Add `batch` to the ledger rows and key timestamps (inside the caller's transaction)."""
-    insert = postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert  # type: ignore[union-attr]
+    insert = insert_for(session.bind.dialect.name)  # type: ignore[union-attr]
     for (tenant_id, day, key_id, model), sums in sorted(batch.rows.items()):
         values = dict(zip((*_COUNTERS, "unpriced"), sums, strict=True))
         stmt = insert(_TABLE).values(
