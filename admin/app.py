@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from admin import keys, tenants, usage
-from admin.auth import authorize
+from admin.auth import authenticate, authorize
 from admin.openapi import Operation, build_document
 from admin.schemas import (
     BODY_MODEL,
@@ -41,6 +41,7 @@ from admin.schemas import (
     TenantUpdate,
     UsageQuery,
     UsageReport,
+    Whoami,
 )
 from proxy.errors import MethodNotAllowed, NotFound, ProxyError
 
@@ -101,6 +102,16 @@ async def _openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
 
 
+async def whoami(request: Request) -> Response:
+    """Whose credential this is: the console signs in with the credential alone."""
+    principal = await authenticate(request)
+    if principal is None:
+        return JSONResponse({"kind": "admin"})
+    return JSONResponse(
+        {"kind": "tenant", "tenant_id": principal.tenant_id, "api_key_id": principal.key_id}
+    )
+
+
 _T = f"{PREFIX}/tenants"
 _ID = _T + "/{tenant_id}"
 _KEY_ERRORS = {
@@ -114,6 +125,14 @@ _KEY_ERRORS = {
 ROUTES: dict[str, dict[str, Operation]] = {
     f"{PREFIX}/openapi.json": {
         "GET": Operation(_openapi, "This document", OpenAPIDocument),
+    },
+    f"{PREFIX}/whoami": {
+        "GET": Operation(
+            whoami,
+            "Whose bearer token this is: the admin token, or which tenant's proxy key",
+            Whoami,
+            self_route=True,
+        ),
     },
     _T: {
         "POST": Operation(

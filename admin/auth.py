@@ -15,6 +15,7 @@ from proxy.audit import Actor
 from proxy.errors import Forbidden, NotFound, ProxyKeyExpired, Unauthorized
 from proxy.runtime import Runtime
 from proxy.security import PROXY_KEY_PREFIX, bearer_token, tokens_equal
+from proxy.store import Principal
 
 # Set in the ASGI scope's state by the console (in process; no HTTP request can set it)
 # when it uses the admin token for a signed-in tenant's own id: the call is confined to
@@ -28,20 +29,16 @@ def runtime_of(request: Request) -> Runtime:
     return runtime
 
 
-async def authorize(request: Request, *, self_route: bool = False) -> Actor:
-    """Check the caller may use this route; return it as an audit Actor."""
+async def authenticate(request: Request) -> Principal | None:
+    """Who the bearer token is: None for the admin token, else the tenant's valid proxy
+    key. A missing or unknown token is 401 (and counts against the caller's address,
+    which answers 429 once over its limit); an expired key is 401 `proxy_key_expired`."""
     runtime = runtime_of(request)
     token = bearer_token(request.headers.get("authorization", "").encode("latin-1"))
-    request_id = request.scope.get("state", {}).get("request_id")
-    source_ip = runtime.config.trusted_proxies.client(request.scope)
-    guards = runtime.auth_limit
     if token is not None and tokens_equal(token, runtime.config.admin_token.reveal()):
-        acting_for = request.scope.get("state", {}).get(ACTING_FOR)
-        if acting_for is None:
-            return Actor("admin", None, request_id, source_ip)
-        if request.path_params.get("tenant_id") != acting_for:
-            raise NotFound("No such tenant.")
-        return Actor("tenant", acting_for, request_id, source_ip)
+        return None
+    source_ip = _source_ip(request)
+    guards = runtime.auth_limit
     known = token is not None and runtime.store.recently_valid(token)
     if not known and guards.over(source_ip):
         raise guards.refuse()  # guessing proxy keys: no lookup
@@ -54,8 +51,27 @@ async def authorize(request: Request, *, self_route: bool = False) -> Actor:
         raise Unauthorized()
     if principal.expired(time.time()):
         raise ProxyKeyExpired()
+    return principal
+
+
+async def authorize(request: Request, *, self_route: bool = False) -> Actor:
+    """Check the caller may use this route; return it as an audit Actor."""
+    principal = await authenticate(request)
+    request_id = request.scope.get("state", {}).get("request_id")
+    source_ip = _source_ip(request)
+    if principal is None:
+        acting_for = request.scope.get("state", {}).get(ACTING_FOR)
+        if acting_for is None:
+            return Actor("admin", None, request_id, source_ip)
+        if request.path_params.get("tenant_id") != acting_for:
+            raise NotFound("No such tenant.")
+        return Actor("tenant", acting_for, request_id, source_ip)
     if not self_route:
         raise Forbidden("A tenant's proxy key may not use this route; it needs the admin token.")
     if request.path_params.get("tenant_id") != principal.tenant_id:
         raise NotFound("No such tenant.")
     return Actor("tenant", principal.tenant_id, request_id, source_ip)
+
+
+def _source_ip(request: Request) -> str | None:
+    return runtime_of(request).config.trusted_proxies.client(request.scope)

@@ -281,6 +281,22 @@ class UsageReport(_Out):
     trial_allowance: TrialAllowanceStatus | None = None
 
 
+class AdminCaller(_Out):
+    kind: Literal["admin"]
+
+
+class TenantCaller(_Out):
+    """A tenant's proxy key: whose it is and its id (never the secret)."""
+
+    kind: Literal["tenant"]
+    tenant_id: str
+    api_key_id: str
+
+
+class Whoami(RootModel[Annotated[AdminCaller | TenantCaller, Field(discriminator="kind")]]):
+    """Who the bearer token is: the operator, or a tenant's valid proxy key."""
+
+
 class OpenAPIDocument(RootModel[dict[str, Any]]):
     """This API's OpenAPI 3.1 document."""
 

@@ -6,6 +6,7 @@ respx stands in for OpenAI's `GET /models` validation call.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 import respx
 from helpers import GOOD_KEY, OTHER_KEY, UPSTREAM, admin_headers, bearer
 
+from proxy.app import ByokApp
 from proxy.security import key_hint
 
 ADMIN = admin_headers()
@@ -497,3 +499,65 @@ async def test_audit_newest_first_and_limit(client: httpx.AsyncClient) -> None:
         r = await client.get(f"/api/v1/tenants/acme/audit?limit={bad}", headers=ADMIN)
         assert assert_error(r, 422, "invalid_request")["param"] == "limit"
     assert_error(await client.get("/api/v1/tenants/ghost/audit", headers=ADMIN), 404, "not_found")
+
+
+# --- whoami -------------------------------------------------------------------------
+
+
+async def test_whoami(client: httpx.AsyncClient) -> None:
+    url = "/api/v1/whoami"
+    r = await client.get(url, headers=ADMIN)
+    assert r.status_code == 200 and r.json() == {"kind": "admin"}
+    created = (
+        await client.post("/api/v1/tenants", json={"name": "A", "tier": "pro"}, headers=ADMIN)
+    ).json()
+    await make_tenant(client, "other")
+    first = bearer(created["api_key"])
+    r = await client.get(url, headers=first)
+    assert r.status_code == 200
+    assert r.json() == {
+        "kind": "tenant",
+        "tenant_id": created["id"],
+        "api_key_id": created["api_key_id"],
+    }
+    assert created["api_key"] not in r.text
+
+    issued = (await client.post(f"/api/v1/tenants/{created['id']}/api-keys", headers=ADMIN)).json()
+    r = await client.get(url, headers=bearer(issued["api_key"]))
+    assert r.json()["tenant_id"] == created["id"] and r.json()["api_key_id"] == issued["id"]
+
+    assert_error(await client.get(url), 401, "unauthorized")
+    assert_error(await client.get(url, headers=bearer("byok-unknownkey")), 401, "unauthorized")
+    assert_error(await client.get(url, headers=bearer("wrong-" + "x" * 40)), 401, "unauthorized")
+    revoke = f"/api/v1/tenants/{created['id']}/api-keys/{issued['id']}"
+    assert (await client.delete(revoke, headers=ADMIN)).status_code == 204
+    assert_error(await client.get(url, headers=bearer(issued["api_key"])), 401, "unauthorized")
+    assert (await client.get(url, headers=first)).status_code == 200
+
+    past = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    expired = await client.post(
+        f"/api/v1/tenants/{created['id']}/api-keys", json={"expires_at": past}, headers=ADMIN
+    )
+    assert expired.status_code == 201
+    r = await client.get(url, headers=bearer(expired.json()["api_key"]))
+    assert_error(r, 401, "proxy_key_expired")
+    assert expired.json()["api_key"] not in r.text
+
+
+async def test_whoami_shares_the_failed_auth_limit(
+    client: httpx.AsyncClient, app: ByokApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Guessing keys on whoami counts toward the same 429 as every other route."""
+    guards = app.runtime.auth_limit
+    monkeypatch.setattr(guards, "_window", lambda: 1)  # no minute ends during the test
+    key = bearer(await make_tenant(client, "acme"))
+    assert (await client.get("/api/v1/whoami", headers=key)).status_code == 200  # known
+    for n in range(guards.per_minute):
+        r = await client.get("/api/v1/whoami", headers=bearer(f"byok-guess{n}"))
+        assert_error(r, 401, "unauthorized")
+    r = await client.get("/api/v1/tenants/acme", headers=bearer("byok-guess"))
+    assert_error(r, 429, "too_many_failed_authentications")
+    r = await client.get("/api/v1/whoami", headers=bearer("byok-guess"))
+    assert_error(r, 429, "too_many_failed_authentications")
+    assert (await client.get("/api/v1/whoami", headers=key)).status_code == 200
+    assert (await client.get("/api/v1/whoami", headers=ADMIN)).json() == {"kind": "admin"}

@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 from fake_openai import FakeOpenAI, start_fake
-from helpers import ADMIN_TOKEN, admin_headers
+from helpers import ADMIN_TOKEN, admin_headers, bearer
 from servers import create_tenant, free_port, serve, serve_env, until
 
 from proxy.security import generate_master_key
@@ -138,9 +138,8 @@ def assert_no_leaks(server: Server, *also_secret: str) -> None:
                 assert secret not in text, f"sign-in credential in {where}"
 
 
-def sign_in(page: Any, server: Server, credential: str, tenant: str = "") -> None:
+def sign_in(page: Any, server: Server, credential: str) -> None:
     page.goto(server.url + "/console")
-    page.get_by_label("Tenant id").fill(tenant)
     page.get_by_label("Proxy key or admin token").fill(credential)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_load_state()
@@ -161,7 +160,7 @@ def test_a_tenant_registers_its_key_manages_proxy_keys_and_sees_its_spend(
     server: Server, page: Any
 ) -> None:
     proxy_key = create_tenant(server.url, "acme")
-    sign_in(page, server, proxy_key, "acme")
+    sign_in(page, server, proxy_key)
     assert page.url == server.url + "/console/tenants/acme"
     assert "No OpenAI key is stored" in page.inner_text("main")
     page.keyboard.press("Tab")
@@ -253,7 +252,7 @@ def test_a_tenant_sees_only_itself_and_changes_nothing_without_the_csrf_token(
 ) -> None:
     own = create_tenant(server.url, "iso-a")
     create_tenant(server.url, "iso-b")
-    sign_in(page, server, own, "iso-a")
+    sign_in(page, server, own)
     assert page.url.endswith("/console/tenants/iso-a")
     csrf = page.locator("input[name=csrf]").first.input_value()
     for path in ("/console/tenants/iso-b", "/console/tenants/iso-b/spend", "/console/tenants"):
@@ -275,18 +274,21 @@ def test_a_tenant_sees_only_itself_and_changes_nothing_without_the_csrf_token(
     assert len(keys.json()["data"]) == 1
     assert post(issue, form={"name": "with-token", "csrf": csrf}).status == 201
 
-    # The sign-in form has its own token; a wrong tenant id for the key is refused.
+    # The sign-in form has its own token; a revoked proxy key cannot sign in.
     fresh = page.context.browser.new_context()
     assert (
-        fresh.request.post(
-            server.url + "/console/sign-in", form={"tenant": "iso-a", "credential": own}
-        ).status
-        == 403
+        fresh.request.post(server.url + "/console/sign-in", form={"credential": own}).status == 403
     )
     fresh.close()
     page.context.clear_cookies()
-    sign_in(page, server, own, "iso-b")
-    assert "do not match" in page.inner_text("main")
+    key_id = httpx.get(server.url + "/api/v1/whoami", headers=bearer(own)).json()["api_key_id"]
+    gone = httpx.delete(
+        f"{server.url}/api/v1/tenants/iso-a/api-keys/{key_id}", headers=admin_headers()
+    )
+    assert gone.status_code == 204
+    sign_in(page, server, own)
+    assert page.url == server.url + "/console/sign-in"
+    assert "not recognised" in page.locator("#sign-in-problem").inner_text()
     assert_no_leaks(server, own, ADMIN_TOKEN)
 
 

@@ -37,13 +37,11 @@ async def _client(
             yield client
 
 
-async def _sign_in(client: httpx.AsyncClient, credential: str, tenant: str = "") -> httpx.Response:
+async def _sign_in(client: httpx.AsyncClient, credential: str) -> httpx.Response:
     form = await client.get("/console/sign-in")
     csrf = re.search(r'name="csrf" value="([^"]+)"', form.text)
     assert csrf is not None
-    return await client.post(
-        "/console/sign-in", data={"csrf": csrf[1], "tenant": tenant, "credential": credential}
-    )
+    return await client.post("/console/sign-in", data={"csrf": csrf[1], "credential": credential})
 
 
 async def test_the_console_is_served_wherever_the_admin_api_is(
@@ -85,8 +83,9 @@ async def test_the_session_cookie_and_the_headers(tmp_path: Path, master_key: st
                 "/api/v1/tenants", json={"name": "acme", "tier": "pro"}, headers=admin_headers()
             )
             key, tid = created.json()["api_key"], created.json()["id"]
-            signed_in = await _sign_in(client, key, tid)
+            signed_in = await _sign_in(client, key)
             assert signed_in.status_code == 303
+            assert signed_in.headers["location"] == f"/console/tenants/{tid}"
             cookie = next(
                 v for v in signed_in.headers.get_list("set-cookie") if v.startswith("byok_console=")
             )

@@ -136,8 +136,11 @@ async def test_every_answer_matches_the_document(
     tenant_key = bearer(issued.json()["api_key"])
     await api.call("GET", t, 403, headers=tenant_key)
     await api.call("GET", one, 200, headers=tenant_key)
+    await api.call("GET", "/api/v1/whoami", 200)
+    await api.call("GET", "/api/v1/whoami", 200, headers=tenant_key)
     await api.call("DELETE", keys, 204, key_id=key_id)
     await api.call("GET", one, 401, headers=tenant_key)
+    await api.call("GET", "/api/v1/whoami", 401, headers=tenant_key)
 
     def ledger() -> None:
         with app.runtime.store.session() as s:

@@ -21,7 +21,6 @@ from admin.console.api import Answer, path
 from admin.console.context import Console, console_of, month_start_and_today
 from admin.console.render import NOTICES, key_outcome, page
 from admin.console.session import Session, pre_session_token, set_pre_session_cookie
-from admin.schemas import TENANT_ID_PATTERN
 from proxy.security import Secret
 
 EXPIRING_SOON = timedelta(days=7)
@@ -32,12 +31,13 @@ def _redirect(url: str) -> RedirectResponse:
     return RedirectResponse(url, status_code=303)
 
 
-def _home(session: Session) -> str:
-    return "/console/tenants" if session.is_operator else f"/console/tenants/{session.tenant_id}"
+def _home(tenant_id: str | None) -> str:
+    """Where a sign-in lands: the operator (None) on the list, a tenant on its own page."""
+    return "/console/tenants" if tenant_id is None else f"/console/tenants/{tenant_id}"
 
 
 async def home(request: Request) -> Response:
-    return _redirect(_home(console_of(request).session(request)))
+    return _redirect(_home(console_of(request).session(request).tenant_id))
 
 
 # --- signing in and out ---------------------------------------------------------------
@@ -47,54 +47,32 @@ async def sign_in_form(request: Request) -> Response:
     console = console_of(request)
     session = console.sessions.open(request)
     if session is not None:
-        return _redirect(_home(session))
+        return _redirect(_home(session.tenant_id))
     return _sign_in_page(request, notice=NOTICES.get(request.query_params.get("notice", "")))
 
 
-def _sign_in_page(
-    request: Request, status: int = 200, tenant: str = "", **context: Any
-) -> Response:
+def _sign_in_page(request: Request, status: int = 200, **context: Any) -> Response:
     token, new = pre_session_token(request)
-    response = page(
-        request, "sign_in.html", status, title="Sign in", csrf=token, tenant=tenant, **context
-    )
+    response = page(request, "sign_in.html", status, title="Sign in", csrf=token, **context)
     if new:
         set_pre_session_cookie(response, request, token)
     return response
 
 
 async def sign_in(request: Request) -> Response:
-    """Check the credential with the admin API (the operator may list tenants; a tenant's
-    key may read its own tenant) and seal it into the session cookie."""
+    """Ask the admin API whose credential this is (`GET /whoami`: the admin token, or a
+    tenant's valid proxy key) and seal it, with its tenant, into the session cookie."""
     console = console_of(request)
     fields = await console.form(request, None)
     credential = fields.get("credential", "").strip()
-    tenant = fields.get("tenant", "").strip().lower()
     if not credential:
-        return _sign_in_page(request, 400, tenant, problem="Enter a proxy key or the admin token.")
-    if tenant and not re.fullmatch(TENANT_ID_PATTERN, tenant):
-        return _sign_in_page(
-            request, 400, problem="A tenant id is lower-case letters, digits, '-' and '_'."
-        )
-    secret = Secret(credential)
-    listing = await console.api.call(request, secret, "GET", path("tenants"))
-    if listing.ok:
-        tenant_id = None
-    elif listing.status == 403 and not tenant:
-        return _sign_in_page(request, 400, problem="That is a proxy key: enter your tenant id too.")
-    elif listing.status == 403:
-        own = await console.api.call(request, secret, "GET", path("tenants", tenant))
-        if not own.ok:
-            return _sign_in_page(
-                request, 401, tenant, problem="That tenant id and proxy key do not match."
-            )
-        tenant_id = tenant
-    else:
-        return _sign_in_page(request, listing.status, tenant, problem=_refused(listing))
-    cookie = console.sessions.seal(credential, tenant_id)
-    target = f"/console/tenants/{tenant}" if tenant else "/console/tenants"
-    response = _redirect(target)
-    console.sessions.set_cookie(response, request, cookie)
+        return _sign_in_page(request, 400, problem="Enter a proxy key or the admin token.")
+    who = await console.api.call(request, Secret(credential), "GET", path("whoami"))
+    if not who.ok:
+        return _sign_in_page(request, who.status, problem=_refused(who))
+    tenant_id = None if who.body["kind"] == "admin" else str(who.body["tenant_id"])
+    response = _redirect(_home(tenant_id))
+    console.sessions.set_cookie(response, request, console.sessions.seal(credential, tenant_id))
     return response
 
 
