@@ -49,6 +49,7 @@ import aiohttp
 import httpx
 
 from bench.upstream import proxied_stream_bytes, stream_bytes
+from proxy.cli_args import usable_cpus
 from proxy.security import generate_master_key
 
 ADMIN_TOKEN = "adm-" + "b" * 40
@@ -177,14 +178,14 @@ class Processes:
         return env, admin_port
 
     def _serve(
-        self, folder: Path, env: dict[str, str]
+        self, folder: Path, env: dict[str, str], args: tuple[str, ...] = ()
     ) -> tuple[subprocess.Popen[bytes], str, float]:
         """Start `byok-proxy serve` in `folder`; returns it, its URL and the seconds from
         starting it to `/healthz` answering."""
         port = free_port()
         started = time.monotonic()
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "proxy.cli", "serve", "--port", str(port), *args],
             env=env,
             cwd=folder,
             stdout=open(folder / "serve.log", "ab"),
@@ -195,12 +196,18 @@ class Processes:
         wait_up(url + "/healthz")
         return proc, url, time.monotonic() - started
 
-    def start_proxy(self, upstream: str, name: str, policy: dict[str, Any] | None = None) -> Proxy:
-        """A fresh `byok-proxy serve` (empty database) with a tenant (under `policy`, if
-        given)."""
+    def start_proxy(
+        self,
+        upstream: str,
+        name: str,
+        policy: dict[str, Any] | None = None,
+        args: tuple[str, ...] = (),
+    ) -> Proxy:
+        """A fresh `byok-proxy serve ARGS` (empty database) with a tenant (under `policy`,
+        if given)."""
         folder = self.work / name
         env, admin_port = self._serve_env(folder, upstream)
-        proc, url, startup = self._serve(folder, env)
+        proc, url, startup = self._serve(folder, env, args)
         admin_url = f"http://127.0.0.1:{admin_port}"
         wait_up(admin_url + "/healthz")
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -399,6 +406,15 @@ def run(quick: bool) -> dict[str, Any]:
                 stream_runs[name].append(run_)
         proxy_rss, reference_rss = peak_rss_mb(proxy.pid), peak_rss_mb(ref_pid)
 
+        # Throughput with one worker per CPU (`--workers auto`), against one worker.
+        multi = procs.start_proxy(upstream, "multi", POLICY, ("--workers", "auto"))
+        targets["multi"] = (multi.url, None, multi.key)
+        wrk(multi.url, multi.key, 8, 1, script)
+        workers: dict[str, list[dict[str, float]]] = {"proxy": [], "multi": []}
+        for i in range(1 if quick else 2):
+            for name in _rotated(["proxy", "multi"], i):
+                workers[name].append(timed(name, 64))
+
         scale_proxy = procs.start_proxy(upstream, "scale")
         scale = asyncio.run(
             streams(
@@ -441,9 +457,13 @@ def run(quick: bool) -> dict[str, Any]:
             "proxy_added_p50_ms": added("proxy", "p50_ms"),
         },
         "c64": {
-            **{f"{n}_rps": med(c64[n], "rps") for n in targets},
-            **{f"{n}_cpu_ms_per_request": med(c64[n], "cpu_ms") for n in targets if n != "direct"},
+            **{f"{n}_rps": med(c64[n], "rps") for n in c64},
+            **{f"{n}_cpu_ms_per_request": med(c64[n], "cpu_ms") for n in c64 if n != "direct"},
             "errors": sum(r["errors"] for n in ("proxy", "plain") for r in c64[n]),
+            "workers_auto": usable_cpus(),
+            "one_worker_rps": med(workers["proxy"], "rps"),
+            "workers_auto_rps": med(workers["multi"], "rps"),
+            "workers_auto_errors": sum(r["errors"] for r in workers["multi"]),
         },
         "streams": {
             "count": n_streams,
@@ -553,6 +573,13 @@ def table(r: dict[str, Any]) -> str:
             c1["proxy_added_p50_ms"],
         ),
         ("requests/s c=64", c64["direct_rps"], c64["reference_rps"], c64["proxy_rps"]),
+        (
+            f"  --workers auto ({c64['workers_auto']}): "
+            f"x{c64['workers_auto_rps'] / max(1.0, c64['one_worker_rps']):.2f} of one",
+            None,
+            None,
+            c64["workers_auto_rps"],
+        ),
         (
             "CPU ms/request c=64",
             None,
