@@ -30,6 +30,7 @@ def test_bench_quick_runs(tmp_path: Path) -> None:
     assert report["streams"]["direct_correct"] == report["streams"]["count"]
     assert report["scale"]["errors"] == 0 and report["c64"]["errors"] == 0
     assert report["c64"]["proxy_rps"] > 0 and report["c64"]["reference_rps"] > 0
+    assert report["c64"]["workers_auto_rps"] > 0 and report["c64"]["workers_auto_errors"] == 0
     # Every goal is printed with its verdict, judged from figures of this run.
     assert len(report["goals"]) == 8
     for goal in report["goals"]:
