@@ -25,12 +25,13 @@ from stack import TENANT_KEY
 
 FAULT_YAML = """
 database:
-  lock_timeout: 2
-  statement_timeout: 2
-  pool_timeout: 2
+  lock_timeout: 4
+  statement_timeout: 4
+  pool_timeout: 4
   ready_timeout: 1
 cache_ttl_seconds: 60
 """
+HELD_UP = 2.0  # seconds: half the lock and statement timeouts above
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -78,9 +79,10 @@ def _while_database_is_stuck(proxy: Proxy) -> None:
         trial = [pool.submit(proxy.chat, proxy.trial) for _ in range(16)]  # pile up on the db
         for _ in range(5):
             took, r = proxy.timed(lambda: proxy.chat(proxy.byok))
-            assert r.status_code == 200 and took < 1, took  # not held up (a wait is >= 2 s)
+            # Not held up: a wait behind the lock is >= 4 s; a busy machine may take 1 s.
+            assert r.status_code == 200 and took < HELD_UP, took
             took, r = proxy.timed(lambda: proxy.http.get("/healthz"))
-            assert r.status_code == 200 and took < 1, took
+            assert r.status_code == 200 and took < HELD_UP, took
         for future in trial:
             _store_unavailable(future.result())
     took, r = proxy.timed(lambda: proxy.http.get("/readyz"))
@@ -205,7 +207,7 @@ def test_postgres_lock_held(
                 trial = [pool.submit(proxy.chat, proxy.trial) for _ in range(16)]
                 for _ in range(5):
                     took, r = proxy.timed(lambda: proxy.chat(proxy.byok))
-                    assert r.status_code == 200 and took < 1, took
+                    assert r.status_code == 200 and took < HELD_UP, took
                 for future in trial:
                     _store_unavailable(future.result())
             r = proxy.http.post(
