@@ -7,6 +7,7 @@ an admin-only route answers 403.
 
 from __future__ import annotations
 
+import re
 import time
 
 from starlette.requests import Request
@@ -19,8 +20,10 @@ from proxy.store import Principal
 
 # Set in the ASGI scope's state by the console (in process; no HTTP request can set it)
 # when it uses the admin token for a signed-in tenant's own id: the call is confined to
-# that id and audited as the tenant's (`admin.console.context`).
+# that id's proxy-key routes (`.../tenants/{id}/api-keys` and below; any other route
+# answers 403) and audited as the tenant's (`admin.console.context`).
 ACTING_FOR = "byok.acting_for_tenant"
+_KEY_ROUTES = re.compile(r"/api/v1/tenants/[^/]+/api-keys(/[^/]+)?")
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -63,6 +66,8 @@ async def authorize(request: Request, *, self_route: bool = False) -> Actor:
         acting_for = request.scope.get("state", {}).get(ACTING_FOR)
         if acting_for is None:
             return Actor("admin", None, request_id, source_ip)
+        if not _KEY_ROUTES.fullmatch(request.scope["path"]):
+            raise Forbidden("Acting for a tenant is confined to its proxy-key routes.")
         if request.path_params.get("tenant_id") != acting_for:
             raise NotFound("No such tenant.")
         return Actor("tenant", acting_for, request_id, source_ip)

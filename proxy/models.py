@@ -142,3 +142,17 @@ class Replica(SQLModel, table=True):
     primary_key_id: str = Field(max_length=8)
     started_at: datetime = Field(default_factory=utcnow)
     last_seen: datetime = Field(default_factory=utcnow, index=True)
+
+
+class ConsoleSession(SQLModel, table=True):
+    """A console sign-in (`admin.console.session`): its cookie names the row, which ends
+    at `expires_at`, when idle (`last_seen_at`, refreshed at most once a minute) or
+    when signed out. Holds no credential."""
+
+    __tablename__ = "console_sessions"
+
+    id: str = Field(primary_key=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime = Field(index=True)
+    last_seen_at: datetime = Field(default_factory=utcnow)
+    signed_out_at: datetime | None = None

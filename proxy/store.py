@@ -46,7 +46,7 @@ from proxy.security import hash_proxy_key
 log = logging.getLogger("byok.store")
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0004"  # the newest revision in proxy/migrations/versions (a test checks)
+HEAD_REVISION = "0005"  # the newest revision in proxy/migrations/versions (a test checks)
 _PG_MIGRATION_LOCK = 0x6279_6F6B  # "byok"
 _MIGRATION_WAIT_MS = 600_000  # how long a second `migrate` waits for the first to finish
 _MISS = object()

@@ -30,3 +30,15 @@ def admin_headers() -> dict[str, str]:
 
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
+
+
+def secret_forms(*keys: str) -> list[str]:
+    """What must never be seen of these plaintext keys: each whole, and its secret part."""
+    return [*keys, *(key[8:28] for key in keys)]
+
+
+def assert_clean(where: str, data: str | bytes, secrets: list[str]) -> None:
+    """No plaintext key of `secrets` (see `secret_forms`) in `data`, said `where`."""
+    blob = data.encode() if isinstance(data, str) else data
+    for secret in secrets:
+        assert secret.encode() not in blob, f"plaintext key in {where}"

@@ -1,11 +1,12 @@
 """The web console end to end: a real `byok-proxy serve` in front of the fake OpenAI, driven
 by headless Chromium (Debian's `chromium`, through Playwright's Python package).
 
-One server and one browser for the module; each test has its own browser context
-(cookies). Screenshots of each page go to $BYOK_CONSOLE_SCREENSHOTS, else to a
-temporary folder (its path is printed). Every page's source and text, every
-screenshot's page text, the cookies and the server's log are checked for the
-plaintext OpenAI keys, as the rest of the suite checks (`test_proxy_no_leaks`).
+One server (at LOG_LEVEL=DEBUG) and one browser for the module; each test has its own
+browser context (cookies). Screenshots of each page go to $BYOK_CONSOLE_SCREENSHOTS,
+else to a temporary folder (its path is printed). Every response the browser got (body
+and headers), every page's source and text, the cookies, the CSV, the server's log, its
+database file and its usage log are grepped for the plaintext OpenAI keys with the
+suite's own check (`helpers.assert_clean`, as in `test_proxy_no_leaks`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import httpx
 import openai
 import pytest
 from fake_openai import FakeOpenAI, start_fake
-from helpers import ADMIN_TOKEN, admin_headers, bearer
+from helpers import ADMIN_TOKEN, admin_headers, assert_clean, bearer, secret_forms
 from servers import create_tenant, free_port, serve, serve_env, until
+from stack import PLATFORM_KEY
 
 from proxy.security import generate_master_key
 
@@ -39,7 +41,7 @@ CHROMIUM_ARGS = [
 ]
 GOOD_KEY = "sk-test-CONSOLEgoodKEYabcdefghijklmnopqrstuvwxyz01"
 BAD_KEY = "sk-test-CONSOLEbadKEYzyxwvutsrqponmlkjihgfedcba98"
-OPENAI_SECRETS = [GOOD_KEY, BAD_KEY, GOOD_KEY[8:28], BAD_KEY[8:28]]
+OPENAI_SECRETS = secret_forms(GOOD_KEY, BAD_KEY, PLATFORM_KEY)
 PRICED = """
 prices:
   as_of: 2025-08-07
@@ -60,9 +62,9 @@ except ImportError:
 class Server:
     url: str
     fake: FakeOpenAI
-    log: Path
+    tmp: Path  # its log, database and usage log
     shots: Path
-    seen: list[tuple[str, str]] = field(default_factory=list)  # (where, text) to grep
+    seen: list[tuple[str, str | bytes]] = field(default_factory=list)  # (where, data) to grep
 
     def sdk(self, key: str) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=30)
@@ -80,8 +82,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         tmp, generate_master_key(), f"sqlite:///{tmp / 'console.db'}", fake.base_url, PRICED
     )
     port = free_port()
-    with fake_server, serve([], env, tmp, port, tmp / "serve.log"):
-        yield Server(f"http://127.0.0.1:{port}", fake, tmp / "serve.log", shots)
+    with fake_server, serve([], {**env, "LOG_LEVEL": "DEBUG"}, tmp, port, tmp / "serve.log"):
+        yield Server(f"http://127.0.0.1:{port}", fake, tmp, shots)
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +114,20 @@ def page(browser: Any, server: Server) -> Iterator[Any]:
         ),
     )
     opened.on("pageerror", lambda e: problems.append(str(e)))
+    opened.on("response", lambda r: _keep(server, r))
     yield opened
     for cookie in context.cookies():
         server.seen.append((f"cookie {cookie['name']}", cookie["value"]))
     context.close()
     assert not problems, f"the browser reported: {problems}"
+
+
+def _keep(server: Server, response: Any) -> None:
+    """Every response the browser gets, for the leak check (a redirect has no body)."""
+    where = f"response {response.status} {response.url}"
+    server.seen.append((where + " headers", repr(response.headers_array())))
+    if not 300 <= response.status < 400:
+        server.seen.append((where, response.body()))
 
 
 def look(server: Server, page: Any, name: str) -> None:
@@ -127,19 +138,20 @@ def look(server: Server, page: Any, name: str) -> None:
 
 
 def assert_no_leaks(server: Server, *also_secret: str) -> None:
-    """No plaintext OpenAI key (nor a fragment) in what was seen or in the server's log;
-    `also_secret` (sign-in credentials) in no page after sign-in."""
-    server.seen.append(("the server's log", server.log.read_text(errors="replace")))
-    for where, text in server.seen:
-        for secret in OPENAI_SECRETS:
-            assert secret not in text, f"plaintext OpenAI key in {where}"
-        if where.startswith(("page", "text")):
-            for secret in also_secret:
-                assert secret not in text, f"sign-in credential in {where}"
+    """No plaintext OpenAI key (nor a fragment) in what was seen, the server's log, its
+    database files or its usage log; `also_secret` (sign-in credentials) in no page."""
+    files = [server.tmp / "serve.log", *server.tmp.glob("console.db*")]
+    files += [path for path in [server.tmp / "usage.jsonl"] if path.exists()]
+    for where, data in [*server.seen, *((f"file {f.name}", f.read_bytes()) for f in files)]:
+        assert_clean(where, data, OPENAI_SECRETS)
+        if where.startswith(("page", "text", "response")):
+            assert_clean(where, data, list(also_secret))
 
 
-def sign_in(page: Any, server: Server, credential: str) -> None:
+def sign_in(page: Any, server: Server, credential: str, shot: str | None = None) -> None:
     page.goto(server.url + "/console")
+    if shot:
+        look(server, page, shot)
     page.get_by_label("Proxy key or admin token").fill(credential)
     page.get_by_role("button", name="Sign in").click()
     page.wait_for_load_state()
@@ -160,7 +172,7 @@ def test_a_tenant_registers_its_key_manages_proxy_keys_and_sees_its_spend(
     server: Server, page: Any
 ) -> None:
     proxy_key = create_tenant(server.url, "acme")
-    sign_in(page, server, proxy_key)
+    sign_in(page, server, proxy_key, shot="sign-in")
     assert page.url == server.url + "/console/tenants/acme"
     assert "No OpenAI key is stored" in page.inner_text("main")
     page.keyboard.press("Tab")
@@ -233,6 +245,7 @@ def test_a_tenant_registers_its_key_manages_proxy_keys_and_sees_its_spend(
         server.url + "/console/tenants/acme/usage.csv?group_by=model"
     ).text()
     assert csv.splitlines()[1].startswith("gpt-4o-mini,4,44,28,72,")
+    server.seen.append(("the CSV", csv))
 
     # A narrow window: nothing wider than the screen but the scrolling tables.
     page.set_viewport_size({"width": 360, "height": 800})
@@ -240,8 +253,15 @@ def test_a_tenant_registers_its_key_manages_proxy_keys_and_sees_its_spend(
     assert page.evaluate("document.documentElement.scrollWidth") <= 360
     look(server, page, "tenant-spend-narrow")
 
+    # Signing out ends the session: a copy of its cookie no longer signs anyone in.
+    copied = page.context.cookies()
+    assert {c["name"] for c in copied} == {"__Host-byok_console"}
+    assert all(c["secure"] and c["httpOnly"] and c["path"] == "/" for c in copied)
     page.get_by_role("button", name="Sign out").click()
     assert "You are signed out" in page.inner_text("main")
+    page.goto(server.url + "/console/tenants/acme")
+    assert page.url == server.url + "/console/sign-in"
+    page.context.add_cookies(copied)
     page.goto(server.url + "/console/tenants/acme")
     assert page.url == server.url + "/console/sign-in"
     assert_no_leaks(server, proxy_key, ADMIN_TOKEN)

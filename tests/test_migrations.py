@@ -100,7 +100,7 @@ def test_two_migrate_processes_at_once_leave_one_schema_at_head(
     finally:
         engine.dispose()
     assert versions == [(HEAD_REVISION,)]
-    assert {"tenants", "proxy_keys", "audit_events", "replicas"} <= tables
+    assert {"tenants", "proxy_keys", "audit_events", "replicas", "console_sessions"} <= tables
 
 
 def _newer_schema(database_url: str) -> None:

@@ -10,6 +10,7 @@ in config.yaml turns it off.
     pages.py    sign-in/out, the operator's list, a tenant's page and its changes
     spend.py    a tenant's spend: charts, tables, CSV
     session.py  the sealed session cookie and the CSRF token
+    sessions_store.py  the sessions' rows: sign-out, idle and expiry on the server
     context.py  what the handlers share; proxy-key management for tenants
     render.py   templates, security headers, outcomes in words
     api.py      in-process calls to the admin API
@@ -18,6 +19,7 @@ in config.yaml turns it off.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,10 +32,15 @@ from starlette.types import ASGIApp
 from admin.app import crashed
 from admin.console import pages, spend
 from admin.console.api import AdminAPI
-from admin.console.context import Console, Problem
+from admin.console.context import Console, Problem, cross_site
 from admin.console.render import HERE, SecurityHeaders, error_page
 from admin.console.session import Sessions
+from admin.console.sessions_store import SessionRecords
 from proxy.config import Config
+from proxy.errors import StoreUnavailable
+
+if TYPE_CHECKING:
+    from proxy.store import Store
 
 __all__ = ["create_console_app"]
 
@@ -53,15 +60,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_page(request, exc.status_code, "No such page.")
 
 
-def _guarded(handler: Endpoint) -> Endpoint:
-    """A bug answers an HTML 500 here, logged by the admin API's `crashed` (where, never
-    the message); Starlette would re-raise it to the server's log with its message."""
+def _guarded(handler: Endpoint, method: str) -> Endpoint:
+    """A POST from another site is refused before it is read (`context.cross_site`).
+    The database unreachable is a 503 page; a bug answers an HTML 500, logged by the
+    admin API's `crashed` (where, never the message); Starlette would re-raise it to the
+    server's log with its message."""
 
     async def endpoint(request: Request) -> Response:
+        if method == "POST" and cross_site(request):
+            return error_page(request, 403, "This form was sent from another site; refused.")
         try:
             return await handler(request)
         except (Problem, HTTPException):
             raise
+        except StoreUnavailable:
+            return error_page(request, 503, "The database is unavailable; try again in a minute.")
         except Exception as exc:
             crashed(exc)
             return error_page(request, 500, "The console failed; the server log says where.")
@@ -69,8 +82,14 @@ def _guarded(handler: Endpoint) -> Endpoint:
     return endpoint
 
 
-def create_console_app(admin_app: ASGIApp, config: Config) -> ASGIApp:
-    """The console, calling `admin_app` (whose runtime the serving app sets)."""
+def create_console_app(admin_app: Starlette, config: Config) -> ASGIApp:
+    """The console, calling `admin_app` (whose runtime, and so the store, the serving
+    app sets)."""
+
+    def store() -> Store:
+        found: Store = admin_app.state.runtime.store
+        return found
+
     table: list[tuple[str, Endpoint, str]] = [
         ("/console", pages.home, "GET"),
         ("/console/", pages.home, "GET"),
@@ -88,7 +107,7 @@ def create_console_app(admin_app: ASGIApp, config: Config) -> ASGIApp:
     ]
     app = Starlette(
         routes=[
-            *(Route(p, _guarded(h), methods=[m]) for p, h, m in table),
+            *(Route(p, _guarded(h, m), methods=[m]) for p, h, m in table),
             Mount("/console/static", StaticFiles(directory=HERE / "static"), name="static"),
         ],
         exception_handlers={Problem: _problem, HTTPException: _http_error},
@@ -96,6 +115,7 @@ def create_console_app(admin_app: ASGIApp, config: Config) -> ASGIApp:
     app.state.console = Console(
         api=AdminAPI(admin_app),
         sessions=Sessions(config.admin_token),
+        records=SessionRecords(store),
         admin_token=config.admin_token,
         tiers=dict(config.tiers),
     )

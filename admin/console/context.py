@@ -7,6 +7,10 @@ tenant's credential first passes the admin API's own self check for that id
 token, marked as acting for that tenant (`as_key_manager`): the admin API then
 refuses any other id and audits the change as the tenant's. Nothing else is
 called with a credential the user did not sign in with.
+
+Every POST is refused (403) when the browser says it comes from another site
+(`Sec-Fetch-Site: cross-site` or `same-site`) or names an `Origin` that is not
+the console's own, before its CSRF token is even read.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from starlette.responses import RedirectResponse, Response
 
 from admin.console.api import AdminAPI, Answer, path
 from admin.console.render import error_page
-from admin.console.session import PRE_COOKIE, Session, Sessions
+from admin.console.session import COOKIE, PRE_COOKIE, Session, Sessions
+from admin.console.sessions_store import SessionRecords
 from proxy.config import TierPolicy
 from proxy.security import Secret
 
@@ -39,15 +44,27 @@ class Problem(Exception):
 class Console:
     api: AdminAPI
     sessions: Sessions
+    records: SessionRecords
     admin_token: Secret
     tiers: dict[str, TierPolicy]
 
-    def session(self, request: Request) -> Session:
-        """The signed-in user, or a redirect to the sign-in page."""
+    async def current(self, request: Request) -> Session | None:
+        """The signed-in user: a sealed cookie whose session row is still alive."""
         session = self.sessions.open(request)
-        if session is None:
-            raise Problem(RedirectResponse("/console/sign-in", status_code=303))
+        if session is None or not await self.records.alive(session.id):
+            return None
         request.scope["console.session"] = session
+        return session
+
+    async def session(self, request: Request) -> Session:
+        """The signed-in user, or a redirect to the sign-in page (dropping a cookie whose
+        session has ended)."""
+        session = await self.current(request)
+        if session is None:
+            response = RedirectResponse("/console/sign-in", status_code=303)
+            if request.cookies.get(COOKIE):
+                self.sessions.clear_cookie(response)
+            raise Problem(response)
         return session
 
     async def form(self, request: Request, session: Session | None) -> dict[str, str]:
@@ -113,13 +130,41 @@ class Console:
         longer works, else the status and its message."""
         if answer.status == 401:
             response = RedirectResponse("/console/sign-in?notice=expired", status_code=303)
-            self.sessions.clear_cookie(response, request)
+            self.sessions.clear_cookie(response)
             return response
         if answer.status == 404:
             return error_page(request, 404, "No such tenant, or not one you may see.")
         if answer.status == 403:
             return error_page(request, 403, "Your sign-in may not see or do this.")
         return error_page(request, answer.status, answer.message or "The admin API failed.")
+
+
+def cross_site(request: Request) -> bool:
+    """Whether a POST comes from another site: `Sec-Fetch-Site` says so, or its `Origin`
+    is not this console's. The console's own origin is the request's scheme and Host,
+    or, behind a reverse proxy, `X-Forwarded-Proto` and `X-Forwarded-Host` (a form on
+    another site cannot set those)."""
+    headers = request.headers
+    if headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+        return True
+    origin = headers.get("origin")
+    if origin is None:
+        return False
+    scheme = request.url.scheme
+    ours = {_origin(scheme, headers.get("host", ""))}
+    forwarded_host = headers.get("x-forwarded-host", headers.get("host", ""))
+    forwarded_proto = headers.get("x-forwarded-proto", scheme)
+    ours.add(_origin(forwarded_proto.split(",")[0], forwarded_host.split(",")[0]))
+    return origin.strip().lower() not in ours
+
+
+def _origin(scheme: str, host: str) -> str:
+    """An origin as a browser serialises it: lower case, without the scheme's default port."""
+    scheme, host = scheme.strip().lower(), host.strip().lower()
+    default = {"http": ":80", "https": ":443"}.get(scheme)
+    if default and host.endswith(default):
+        host = host.removesuffix(default)
+    return f"{scheme}://{host}"
 
 
 def console_of(request: Request) -> Console:

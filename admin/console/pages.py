@@ -25,6 +25,8 @@ from proxy.security import Secret
 
 EXPIRING_SOON = timedelta(days=7)
 BUDGET_WARNING = 0.8  # a budget this much used needs attention
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]{1,1024}")  # any proxy key or admin token
+_NOT_RECOGNISED = "That proxy key or admin token is not recognised."
 
 
 def _redirect(url: str) -> RedirectResponse:
@@ -37,7 +39,7 @@ def _home(tenant_id: str | None) -> str:
 
 
 async def home(request: Request) -> Response:
-    return _redirect(_home(console_of(request).session(request).tenant_id))
+    return _redirect(_home((await console_of(request).session(request)).tenant_id))
 
 
 # --- signing in and out ---------------------------------------------------------------
@@ -45,7 +47,7 @@ async def home(request: Request) -> Response:
 
 async def sign_in_form(request: Request) -> Response:
     console = console_of(request)
-    session = console.sessions.open(request)
+    session = await console.current(request)
     if session is not None:
         return _redirect(_home(session.tenant_id))
     return _sign_in_page(request, notice=NOTICES.get(request.query_params.get("notice", "")))
@@ -55,24 +57,29 @@ def _sign_in_page(request: Request, status: int = 200, **context: Any) -> Respon
     token, new = pre_session_token(request)
     response = page(request, "sign_in.html", status, title="Sign in", csrf=token, **context)
     if new:
-        set_pre_session_cookie(response, request, token)
+        set_pre_session_cookie(response, token)
     return response
 
 
 async def sign_in(request: Request) -> Response:
     """Ask the admin API whose credential this is (`GET /whoami`: the admin token, or a
-    tenant's valid proxy key) and seal it, with its tenant, into the session cookie."""
+    tenant's valid proxy key), start a session and seal its id, the credential and its
+    tenant into the session cookie. A credential that is not printable ASCII is no
+    credential of ours: refused without asking."""
     console = console_of(request)
     fields = await console.form(request, None)
     credential = fields.get("credential", "").strip()
     if not credential:
         return _sign_in_page(request, 400, problem="Enter a proxy key or the admin token.")
+    if not _PRINTABLE_ASCII.fullmatch(credential):
+        return _sign_in_page(request, 401, problem=_NOT_RECOGNISED)
     who = await console.api.call(request, Secret(credential), "GET", path("whoami"))
     if not who.ok:
         return _sign_in_page(request, who.status, problem=_refused(who))
     tenant_id = None if who.body["kind"] == "admin" else str(who.body["tenant_id"])
+    session_id = await console.records.start()
     response = _redirect(_home(tenant_id))
-    console.sessions.set_cookie(response, request, console.sessions.seal(credential, tenant_id))
+    console.sessions.set_cookie(response, console.sessions.seal(credential, tenant_id, session_id))
     return response
 
 
@@ -82,17 +89,21 @@ def _refused(answer: Answer) -> str:
     if answer.code == "proxy_key_expired":
         return "That proxy key has expired."
     if answer.status == 401:
-        return "That proxy key or admin token is not recognised."
+        return _NOT_RECOGNISED
     return f"Sign-in failed ({answer.status}); try again later."
 
 
 async def sign_out(request: Request) -> Response:
+    """End the session (its row says so: a copy of the cookie stops working too). Without
+    a live session there is nothing to end: back to the sign-in page, cookies untouched."""
     console = console_of(request)
-    session = console.sessions.open(request)
-    if session is not None:
-        await console.form(request, session)
+    session = await console.current(request)
+    if session is None:
+        return _redirect("/console/sign-in")
+    await console.form(request, session)
+    await console.records.end(session.id)
     response = _redirect("/console/sign-in?notice=signed_out")
-    console.sessions.clear_cookie(response, request)
+    console.sessions.clear_cookie(response)
     return response
 
 
@@ -102,7 +113,7 @@ async def sign_out(request: Request) -> Response:
 async def tenants_page(request: Request) -> Response:
     """Every tenant with its status, tier, spend this month and what needs attention."""
     console = console_of(request)
-    session = console.session(request)
+    session = await console.session(request)
     tenants = (await console.need(request, session, "GET", path("tenants")))["data"]
     start, today = month_start_and_today()
     usage = await console.need(
@@ -182,7 +193,7 @@ def budget_use(tenant: dict[str, Any], month: float, day: float) -> list[dict[st
 
 async def tenant_page(request: Request) -> Response:
     console = console_of(request)
-    session = console.session(request)
+    session = await console.session(request)
     notice = NOTICES.get(request.query_params.get("notice", ""))
     return await _tenant(request, console, session, request.path_params["tenant_id"], notice=notice)
 
@@ -230,7 +241,7 @@ async def _tenant(
 async def register_key(request: Request) -> Response:
     """Register or replace the OpenAI key; the admin API validates it with OpenAI."""
     console = console_of(request)
-    session = console.session(request)
+    session = await console.session(request)
     fields = await console.form(request, session)
     tenant_id = request.path_params["tenant_id"]
     key = fields.get("api_key", "")
@@ -252,7 +263,7 @@ async def register_key(request: Request) -> Response:
 
 async def remove_key(request: Request) -> Response:
     console = console_of(request)
-    session = console.session(request)
+    session = await console.session(request)
     await console.form(request, session)
     tenant_id = request.path_params["tenant_id"]
     await console.need(request, session, "DELETE", path("tenants", tenant_id, "openai-key"))
@@ -262,7 +273,7 @@ async def remove_key(request: Request) -> Response:
 async def issue_proxy_key(request: Request) -> Response:
     """Issue a proxy key; its secret is on this one answer's page, never again."""
     console = console_of(request)
-    session = console.session(request)
+    session = await console.session(request)
     fields = await console.form(request, session)
     tenant_id = request.path_params["tenant_id"]
     body: dict[str, Any] = {}
@@ -285,7 +296,7 @@ async def issue_proxy_key(request: Request) -> Response:
 
 async def revoke_proxy_key(request: Request) -> Response:
     console = console_of(request)
-    session = console.session(request)
+    session = await console.session(request)
     await console.form(request, session)
     tenant_id = request.path_params["tenant_id"]
     key_id = request.path_params["key_id"]

@@ -25,7 +25,7 @@ SECURITY_HEADERS = [
     ),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    (b"referrer-policy", b"same-origin"),  # our own POSTs then carry their Origin
 ]
 NO_STORE = (b"cache-control", b"no-store")
 

@@ -82,7 +82,7 @@ def _filled_days(rows: list[dict[str, Any]], start: str, end: str) -> list[dict[
 
 async def spend_page(request: Request) -> Response:
     console = console_of(request)
-    session = console.session(request)
+    session = await console.session(request)
     tenant_id = request.path_params["tenant_id"]
     tenant = await console.need(request, session, "GET", path("tenants", tenant_id))
     start, end = _period(request)
@@ -119,7 +119,7 @@ def _cell(value: Any) -> Any:
 
 async def usage_csv(request: Request) -> Response:
     console = console_of(request)
-    session = console.session(request)
+    session = await console.session(request)
     tenant_id = request.path_params["tenant_id"]
     group = request.query_params.get("group_by", "day")
     if group not in GROUPS:
