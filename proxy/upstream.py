@@ -26,7 +26,9 @@ from proxy.asgi import connection_tokens
 from proxy.config import UpstreamConfig
 from proxy.errors import BadRequest
 
-_NEVER_FORWARD = frozenset({b"host", b"authorization", b"content-length", b"expect"})
+# Cookie: OpenAI's API takes none, and the console's session cookie (Path=/, by its
+# __Host- prefix) could otherwise ride along on a browser's call to /v1 on its origin.
+_NEVER_FORWARD = frozenset({b"host", b"authorization", b"content-length", b"expect", b"cookie"})
 _ORG_HEADERS = frozenset({b"openai-organization", b"openai-project"})
 # %2e (.), %2f (/), %5c (\), raw backslash: ways to smuggle a dot segment or a slash.
 _SUSPICIOUS = re.compile(rb"%(2e|2f|5c)|\\", re.IGNORECASE)

@@ -261,6 +261,7 @@ def test_headers_forwarded_faithfully(stack: Stack) -> None:
             ("X-Hop", "drop me"),
             ("Keep-Alive", "timeout=5"),
             ("Proxy-Authorization", "Basic secret"),
+            ("Cookie", "__Host-byok_console=sealed-session"),
             ("X-Custom", "a"),
             ("X-Rep", "1"),
             ("X-Rep", "2"),
@@ -273,7 +274,7 @@ def test_headers_forwarded_faithfully(stack: Stack) -> None:
     assert seen.header("openai-project") == "proj-9"
     assert seen.header("x-custom") == "a"
     assert seen.all("x-rep") == ["1", "2"]  # repeated request headers kept, in order
-    for dropped in ("x-hop", "keep-alive", "proxy-authorization", "connection"):
+    for dropped in ("x-hop", "keep-alive", "proxy-authorization", "connection", "cookie"):
         assert dropped not in names
     # Nothing the client did not send, beyond what HTTP requires (host).
     sent = {
