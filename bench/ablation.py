@@ -60,6 +60,35 @@ if _off:
             return _memo[ciphertext]
 
         proxy.security.Keyring.decrypt = _remembered
+    if "json" in _off:  # the request body's model/stream/usage fields: not read
+        import proxy.forward
+
+        async def _not_inspected(self, body, request, scope, record):
+            return body, False, None
+
+        proxy.forward.Forwarder._inspect_json = _not_inspected
+    if "response" in _off:  # the response body's usage: not parsed
+        import proxy.forward
+
+        class _NoUsage:
+            pending = False
+
+            def __init__(self, encoding):
+                pass
+
+            def feed(self, block):
+                pass
+
+            def usage(self):
+                return None
+
+            seen = usage
+
+        proxy.forward.BodyUsage = _NoUsage
+    if "protocol" in _off:  # uvicorn's own httptools protocol, without our head limits
+        import proxy.server
+
+        proxy.server.protocol_class = lambda *args, **kwargs: "httptools"
 """
 
 VARIANTS: dict[str, tuple[str, bool]] = {  # name -> (BYOK_ABLATE, policy on the tenant)
