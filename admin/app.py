@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from admin import keys, tenants, usage
-from admin.auth import authenticate, authorize
+from admin.auth import ACTING_FOR, authenticate, authorize
 from admin.openapi import Operation, build_document
 from admin.schemas import (
     BODY_MODEL,
@@ -43,7 +43,7 @@ from admin.schemas import (
     UsageReport,
     Whoami,
 )
-from proxy.errors import MethodNotAllowed, NotFound, ProxyError
+from proxy.errors import Forbidden, MethodNotAllowed, NotFound, ProxyError
 
 log = logging.getLogger("byok.admin")
 
@@ -106,6 +106,8 @@ async def whoami(request: Request) -> Response:
     """Whose credential this is: the console signs in with the credential alone."""
     principal = await authenticate(request)
     if principal is None:
+        if request.scope.get("state", {}).get(ACTING_FOR) is not None:
+            raise Forbidden("Acting for a tenant is confined to its proxy-key routes.")
         return JSONResponse({"kind": "admin"})
     return JSONResponse(
         {"kind": "tenant", "tenant_id": principal.tenant_id, "api_key_id": principal.key_id}

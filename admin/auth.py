@@ -24,6 +24,7 @@ from proxy.store import Principal
 # answers 403) and audited as the tenant's (`admin.console.context`).
 ACTING_FOR = "byok.acting_for_tenant"
 _KEY_ROUTES = re.compile(r"/api/v1/tenants/[^/]+/api-keys(/[^/]+)?")
+_ACTING_METHODS = frozenset({"GET", "POST", "DELETE"})  # never PATCH: a key's policy
 
 
 def runtime_of(request: Request) -> Runtime:
@@ -66,8 +67,13 @@ async def authorize(request: Request, *, self_route: bool = False) -> Actor:
         acting_for = request.scope.get("state", {}).get(ACTING_FOR)
         if acting_for is None:
             return Actor("admin", None, request_id, source_ip)
-        if not _KEY_ROUTES.fullmatch(request.scope["path"]):
-            raise Forbidden("Acting for a tenant is confined to its proxy-key routes.")
+        if (
+            not _KEY_ROUTES.fullmatch(request.scope["path"])
+            or request.method not in _ACTING_METHODS
+        ):
+            raise Forbidden(
+                "Acting for a tenant is confined to listing, issuing and revoking its proxy keys."
+            )
         if request.path_params.get("tenant_id") != acting_for:
             raise NotFound("No such tenant.")
         return Actor("tenant", acting_for, request_id, source_ip)

@@ -282,6 +282,8 @@ class UsageReport(_Out):
 
 
 class AdminCaller(_Out):
+    """`GET /whoami` with the admin token."""
+
     kind: Literal["admin"]
 
 

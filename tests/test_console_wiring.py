@@ -467,6 +467,10 @@ async def test_acting_for_a_tenant_reaches_only_its_proxy_key_routes(
 
         assert await acting("GET", "tenants", "acme", "api-keys") == 200
         assert await acting("GET", "tenants", "globex", "api-keys") == 404
+        listed = await client.get("/api/v1/tenants/acme/api-keys", headers=admin_headers())
+        key_id = listed.json()["data"][0]["id"]
+        policy = {"policy": {"rate_limits": {"rpm": 1}}}  # a key's own limits: never this way
+        assert await acting("PATCH", "tenants", "acme", "api-keys", key_id, body=policy) == 403
         for method, parts, kw in [
             ("GET", ("tenants",), {}),
             ("GET", ("tenants", "acme"), {}),
@@ -477,10 +481,59 @@ async def test_acting_for_a_tenant_reaches_only_its_proxy_key_routes(
             ("DELETE", ("tenants", "acme", "openai-key"), {}),
             ("GET", ("usage",), {}),
             ("GET", ("openapi.json",), {}),
+            ("GET", ("whoami",), {}),
         ]:
             assert await acting(method, *parts, **kw) == 403, (method, parts)
         tenant = await client.get("/api/v1/tenants/acme", headers=admin_headers())
         assert tenant.status_code == 200 and tenant.json()["name"] == "acme"
+
+
+@pytest.mark.parametrize("limited", ["policy", "expiry"])
+async def test_a_key_with_limits_of_its_own_may_not_issue_or_revoke_keys(
+    tmp_path: Path, master_key: str, limited: str
+) -> None:
+    """Else its holder could mint an unrestricted, lasting key, or revoke the others."""
+    config = _config(tmp_path, master_key)
+    async with _client(config) as client:
+        made = await client.post(
+            "/api/v1/tenants",
+            json={"name": "acme", "tier": "pro", "id": "acme"},
+            headers=admin_headers(),
+        )
+        first = made.json()["api_key"]
+        keys = "/api/v1/tenants/acme/api-keys"
+        body = (
+            {"name": "ci", "policy": {"rate_limits": {"rpm": 5}}}
+            if limited == "policy"
+            else {"name": "ci", "expires_at": "2099-01-01T00:00:00Z"}
+        )
+        issued = await client.post(keys, json=body, headers=admin_headers())
+        assert issued.status_code == 201, issued.text
+        before = (await client.get(keys, headers=admin_headers())).json()["data"]
+        first_id = next(k["id"] for k in before if k["id"] != issued.json()["id"])
+
+        assert (await _sign_in(client, issued.json()["api_key"])).status_code == 303
+        page = await client.get("/console/tenants/acme")
+        assert page.status_code == 200  # it may look
+        csrf = _csrf_in(page)
+        refused = await client.post(
+            "/console/tenants/acme/api-keys", data={"csrf": csrf, "name": "unlimited"}
+        )
+        assert refused.status_code == 403 and "limits of its own" in refused.text
+        refused = await client.post(
+            f"/console/tenants/acme/api-keys/{first_id}/revoke", data={"csrf": csrf}
+        )
+        assert refused.status_code == 403 and "limits of its own" in refused.text
+        assert (await client.get(keys, headers=admin_headers())).json()["data"] == before
+
+        # The tenant's unrestricted key may.
+        client.cookies.clear()
+        assert (await _sign_in(client, first)).status_code == 303
+        csrf = _csrf_in(await client.get("/console/tenants/acme"))
+        done = await client.post(
+            "/console/tenants/acme/api-keys", data={"csrf": csrf, "name": "extra"}
+        )
+        assert done.status_code == 201, done.text
 
 
 async def test_every_value_is_escaped(tmp_path: Path, master_key: str) -> None:

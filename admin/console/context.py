@@ -42,6 +42,9 @@ class Problem(Exception):
 
 @dataclass
 class Console:
+    """What every console handler shares: the admin API, session cookies and records,
+    the admin token (for a tenant's own proxy keys only) and the tier policies."""
+
     api: AdminAPI
     sessions: Sessions
     records: SessionRecords
@@ -121,9 +124,39 @@ class Console:
         check = await self.call(request, session, "GET", path("tenants", tenant_id))
         if not check.ok:
             return check
+        if method != "GET":
+            refusal = await self._restricted_signer(request, session, tenant_id)
+            if refusal is not None:
+                return refusal
         return await self.api.call(
             request, self.admin_token, method, target, acting_for=tenant_id, **kw
         )
+
+    async def _restricted_signer(
+        self, request: Request, session: Session, tenant_id: str
+    ) -> Answer | None:
+        """A 403 when the proxy key this tenant signed in with has limits of its own (a
+        policy or an expiry): issuing or revoking keys with it would let its holder mint
+        an unrestricted, lasting key, or revoke the keys the operator gave others."""
+        me = await self.call(request, session, "GET", path("whoami"))
+        keys = await self.api.call(
+            request,
+            self.admin_token,
+            "GET",
+            path("tenants", tenant_id, "api-keys"),
+            acting_for=tenant_id,
+        )
+        if not me.ok or not keys.ok:
+            return me if not me.ok else keys
+        signer = next((k for k in keys.body["data"] if k["id"] == me.body.get("api_key_id")), None)
+        if signer is None or _limits(signer.get("policy")) or signer.get("expires_at"):
+            message = (
+                "The proxy key you signed in with has limits of its own (a policy or an "
+                "expiry), so it may not issue or revoke keys. Sign in with an unrestricted "
+                "key of this tenant, or ask the operator."
+            )
+            return Answer(403, {"error": {"message": message, "code": "forbidden"}})
+        return None
 
     def failure(self, request: Request, answer: Answer) -> Response:
         """The page for an admin API refusal: back to sign-in when the credential no
@@ -135,7 +168,9 @@ class Console:
         if answer.status == 404:
             return error_page(request, 404, "No such tenant, or not one you may see.")
         if answer.status == 403:
-            return error_page(request, 403, "Your sign-in may not see or do this.")
+            return error_page(
+                request, 403, answer.message or "Your sign-in may not see or do this."
+            )
         return error_page(request, answer.status, answer.message or "The admin API failed.")
 
 
@@ -167,7 +202,20 @@ def _origin(scheme: str, host: str) -> str:
     return f"{scheme}://{host}"
 
 
+def _limits(policy: dict[str, Any] | None) -> bool:
+    """Whether a key's public policy (`admin.schemas.ApiKeyPublic`) limits anything."""
+    if not policy:
+        return False
+    rates = policy.get("rate_limits") or {}
+    return (
+        bool(policy.get("budgets"))
+        or any(value is not None for value in rates.values())
+        or policy.get("allowed_models") is not None
+    )
+
+
 def console_of(request: Request) -> Console:
+    """The console of the app serving `request`."""
     console: Console = request.app.state.console
     return console
 

@@ -39,6 +39,7 @@ def _home(tenant_id: str | None) -> str:
 
 
 async def home(request: Request) -> Response:
+    """`/console`: the signed-in user's start page, or sign-in."""
     return _redirect(_home((await console_of(request).session(request)).tenant_id))
 
 
@@ -46,6 +47,7 @@ async def home(request: Request) -> Response:
 
 
 async def sign_in_form(request: Request) -> Response:
+    """The sign-in form, with a CSRF token of its own (a pre-session cookie)."""
     console = console_of(request)
     session = await console.current(request)
     if session is not None:
@@ -192,6 +194,7 @@ def budget_use(tenant: dict[str, Any], month: float, day: float) -> list[dict[st
 
 
 async def tenant_page(request: Request) -> Response:
+    """A tenant's page: key status and form, proxy keys, policy, audit trail."""
     console = console_of(request)
     session = await console.session(request)
     notice = NOTICES.get(request.query_params.get("notice", ""))
@@ -262,6 +265,7 @@ async def register_key(request: Request) -> Response:
 
 
 async def remove_key(request: Request) -> Response:
+    """Remove the tenant's stored OpenAI key (a form POST)."""
     console = console_of(request)
     session = await console.session(request)
     await console.form(request, session)
@@ -295,6 +299,7 @@ async def issue_proxy_key(request: Request) -> Response:
 
 
 async def revoke_proxy_key(request: Request) -> Response:
+    """Revoke one of the tenant's proxy keys (a form POST)."""
     console = console_of(request)
     session = await console.session(request)
     await console.form(request, session)

@@ -81,6 +81,7 @@ def _filled_days(rows: list[dict[str, Any]], start: str, end: str) -> list[dict[
 
 
 async def spend_page(request: Request) -> Response:
+    """Spend for a chosen period: charts and tables by day, model and proxy key."""
     console = console_of(request)
     session = await console.session(request)
     tenant_id = request.path_params["tenant_id"]
@@ -118,6 +119,7 @@ def _cell(value: Any) -> Any:
 
 
 async def usage_csv(request: Request) -> Response:
+    """One of the spend tables as CSV (cells a spreadsheet would run are quoted)."""
     console = console_of(request)
     session = await console.session(request)
     tenant_id = request.path_params["tenant_id"]
