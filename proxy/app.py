@@ -71,7 +71,8 @@ class ByokApp:
         self.runtime: Runtime | None = None
         self.forwarder: Forwarder | None = None
         self.new_request_id = RequestIds()
-        self.console: ASGIApp | None = None  # admin.console, built on first use
+        self._console_app: ASGIApp | None = None  # admin.console, built on first use
+        self._serves_console = serve_admin and config.console
 
     @property
     def admin(self) -> Starlette:
@@ -126,8 +127,6 @@ class ByokApp:
             spend=spend,
         )
         flusher = asyncio.create_task(spend.run())
-        if self.serve_admin:  # imported in the background: /healthz answers sooner
-            warming = asyncio.create_task(asyncio.to_thread(importlib.import_module, "admin.app"))
         heartbeat = Heartbeat(store, config.keyring)  # rotate-keys reads it
         await heartbeat.start()
         listener = invalidation.Listener(store)  # PostgreSQL: other replicas' changes at once
@@ -140,14 +139,13 @@ class ByokApp:
         # Startup objects are long-lived: keep them out of every collection.
         gc.collect()
         gc.freeze()
+        warming = _import_in_background("admin.app") if self.serve_admin else None
         try:
             yield runtime
         finally:
             self.runtime = None
             security.unconfigure(runtime.vault)
             await self.forwarder.drain()
-            if self.serve_admin:
-                await warming
             await spend.aclose()
             await flusher
             await upstream_client.close()
@@ -156,6 +154,8 @@ class ByokApp:
             await heartbeat.aclose()
             await listener.aclose()
             store.dispose()
+            if warming is not None:
+                await asyncio.gather(warming, return_exceptions=True)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -197,7 +197,7 @@ class ByokApp:
             await send_error(send_with_id, ServiceUnavailable("Not started.", code="not_ready"))
         elif path.startswith("/api/") and self.serve_admin:
             await self.admin(scope, receive, send_with_id)
-        elif path.startswith("/console") and self.serve_admin and self.config.console:
+        elif (path == "/console" or path.startswith("/console/")) and self._serves_console:
             await self._console()(scope, receive, send_with_id)
         elif path == "/healthz":
             await send_json(send_with_id, 200, b'{"status":"ok"}')
@@ -210,11 +210,11 @@ class ByokApp:
 
     def _console(self) -> ASGIApp:
         """The web console (`admin.console`), imported and built on first use."""
-        if self.console is None:
+        if self._console_app is None:
             from admin.console import create_console_app
 
-            self.console = create_console_app(self.admin, self.config)
-        return self.console
+            self._console_app = create_console_app(self.admin, self.config)
+        return self._console_app
 
     async def _metrics(self, scope: Scope, send: Send) -> None:
         assert self.runtime is not None
@@ -262,6 +262,21 @@ class ByokApp:
             )
             return
         await send_json(send, 200, json.dumps({"status": "ready"}).encode())
+
+
+def _import_in_background(module: str) -> asyncio.Task[object]:
+    """Import `module` on a thread: the admin API, when it shares the proxy's listener, is
+    loaded after startup (`/healthz` answers sooner) and before its first request, most
+    often. A failure is logged at once; the first request then answers 500."""
+
+    def done(task: asyncio.Task[object]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error("%s failed to load: %s", module, type(error).__name__)
+
+    task = asyncio.create_task(asyncio.to_thread(importlib.import_module, module))
+    task.add_done_callback(done)
+    return task
 
 
 def create_app(config: Config, *, serve_proxy: bool = True, serve_admin: bool = True) -> ByokApp:

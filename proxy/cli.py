@@ -1,4 +1,4 @@
-"""The `byok-proxy` command: parses arguments and hands over; no logic of its own.
+"""The `byok-proxy` command: parses arguments and hands over, and `serve` migrates first.
 
 Commands: serve, migrate, gen-key, rotate-keys, tenants (create, list, show,
 update, delete, set-key, remove-key), keys (issue, list, revoke), audit, usage.
@@ -58,9 +58,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"byok-proxy: admin token: {config.admin_token.reveal()}",
             file=sys.stderr,
         )
-    # Migrate once, before workers start (so they never race on the schema); a restart on
-    # a current schema skips it.
-    if not schema_is_current(config.database_url, config.database):
+    # Migrate once, before workers start (so they never race on the schema). One worker
+    # is this process: it checks the schema itself (a restart on a current one starts
+    # nothing more) and the child inherits what that imported. With several, this
+    # process only supervises: the child checks, so that it stays small.
+    if args.workers > 1 or not schema_is_current(config.database_url, config.database):
         migrated = _migrate_in_child(args)
         if migrated:
             return migrated
@@ -117,7 +119,8 @@ def _migrate_in_child(args: argparse.Namespace) -> int:
     )
     child.start()
     child.join()
-    return child.exitcode or 0
+    code = child.exitcode or 0
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
 
 
 def _migrate_child(argv: list[str], dev: bool) -> None:

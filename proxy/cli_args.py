@@ -8,11 +8,10 @@ take the shared options from `common()`.
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import textwrap
-from pathlib import Path
 from typing import Any
+
+from proxy.cpus import usable_cpus
 
 Parents = list[argparse.ArgumentParser]
 
@@ -81,22 +80,6 @@ def worker_count(text: str) -> int:
         return positive_int(text)
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"{exc} (or auto)") from None
-
-
-def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The CPUs this process may run on: its affinity mask, lowered to the container's CPU
-    quota (cgroup v2 `cpu.max`, e.g. `docker run --cpus 2`) when one is set, rounded up."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):  # no cgroup v2, or no quota
-        pass
-    return max(1, cpus)
 
 
 def about(text: str) -> str:

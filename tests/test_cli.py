@@ -19,7 +19,8 @@ from fake_openai import FakeOpenAI, start_fake
 from helpers import ADMIN_TOKEN, GOOD_KEY, OTHER_KEY, REPO
 from servers import free_port, serve
 
-from proxy.cli_args import usable_cpus, worker_count
+from proxy.cli_args import worker_count
+from proxy.cpus import usable_cpus
 from proxy.security import Keyring, generate_master_key
 
 SECRETS = ("ENCRYPTION_KEY", "ADMIN_TOKEN", "DATABASE_URL", "BYOK_CONFIG", "OPENAI_BASE_URL")
@@ -135,17 +136,25 @@ def test_workers_auto_and_the_cpus_it_counts(tmp_path: Path) -> None:
     with pytest.raises(argparse.ArgumentTypeError, match=r"must be 1 or more.*\(or auto\)"):
         worker_count("0")
     affinity = len(os.sched_getaffinity(0))
-    cgroup = tmp_path / "cgroup"
-    cgroup.mkdir()
-    assert usable_cpus(cgroup) == affinity  # no cpu.max: no quota
-    (cgroup / "cpu.max").write_text("max 100000\n")
-    assert usable_cpus(cgroup) == affinity
-    (cgroup / "cpu.max").write_text("50000 100000\n")  # half a CPU: still one worker
-    assert usable_cpus(cgroup) == 1
-    (cgroup / "cpu.max").write_text("150000 100000\n")  # --cpus 1.5: rounded up
-    assert usable_cpus(cgroup) == min(affinity, 2)
-    (cgroup / "cpu.max").write_text("6400000 100000\n")  # more than we may run on
-    assert usable_cpus(cgroup) == affinity
+    root = tmp_path / "cgroup"
+    own = root / "system.slice" / "byok.service"
+    own.mkdir(parents=True)
+
+    def cpus() -> int:
+        return usable_cpus(root, "/system.slice/byok.service")
+
+    assert cpus() == affinity  # no cpu.max anywhere: no quota
+    (root / "cpu.max").write_text("max 100000\n")
+    assert cpus() == affinity
+    (own / "cpu.max").write_text("50000 100000\n")  # systemd CPUQuota=50%: one worker
+    assert cpus() == 1
+    (own / "cpu.max").write_text("150000 100000\n")  # --cpus 1.5: rounded up
+    assert cpus() == min(affinity, 2)
+    (own / "cpu.max").write_text("6400000 100000\n")  # more than we may run on
+    assert cpus() == affinity
+    (root / "system.slice" / "cpu.max").write_text("100000 100000\n")  # a parent's quota
+    assert cpus() == 1
+    assert usable_cpus(root, "/") == affinity  # the root's "max" only
 
 
 def test_serve_refuses_to_start_without_secrets(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from servers import free_port, serve, serve_env, until, until_both_workers
 from stack import Stack
 
-from proxy.cli_args import usable_cpus
+from proxy.cpus import usable_cpus
 
 SHUTDOWN_YAML = "server:\n  shutdown_timeout_seconds: 20\n"
 
