@@ -502,7 +502,7 @@ def run(quick: bool) -> dict[str, Any]:
         "first_start_s": first_start,
         "scale": {
             "streams": n_scale,
-            "errors": scale["errors"] + scale["count"] - scale["correct"],
+            "errors": scale["count"] - scale["correct"],  # cut, refused or wrong
             "correct": scale["correct"],
             "peak_rss_mb": scale_rss,
         },

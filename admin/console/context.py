@@ -175,13 +175,17 @@ class Console:
 
 
 def cross_site(request: Request) -> bool:
-    """Whether a POST comes from another site: `Sec-Fetch-Site` says so, or its `Origin`
-    is not this console's. The console's own origin is the request's scheme and Host,
-    or, behind a reverse proxy, `X-Forwarded-Proto` and `X-Forwarded-Host` (a form on
-    another site cannot set those)."""
+    """Whether a POST comes from another site. A browser's `Sec-Fetch-Site` decides when
+    sent (no page can forge it): `same-origin` passes, `cross-site` and `same-site` do
+    not. Without it (older browsers), the `Origin` must be this console's: the request's
+    scheme and Host, or, behind a reverse proxy, `X-Forwarded-Proto` and
+    `X-Forwarded-Host` (a form on another site cannot set those)."""
     headers = request.headers
-    if headers.get("sec-fetch-site", "").lower() in ("cross-site", "same-site"):
+    fetch_site = headers.get("sec-fetch-site", "").lower()
+    if fetch_site in ("cross-site", "same-site"):
         return True
+    if fetch_site == "same-origin":  # e.g. behind a proxy that rewrites Host
+        return False
     origin = headers.get("origin")
     if origin is None:
         return False
