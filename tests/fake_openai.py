@@ -719,6 +719,10 @@ class ServerThread:
             log_level="warning",
             lifespan="auto",
             timeout_graceful_shutdown=2,
+            # Idle keep-alive connections kept longer than the proxy's pool keeps them
+            # (30 s), as OpenAI does: with uvicorn's 5 s, a loaded machine saw the fake
+            # close a connection the proxy was just reusing for a 60 MiB body (a reset).
+            timeout_keep_alive=75,
             **extra,  # type: ignore[arg-type]
         )
         self.server = uvicorn.Server(config)
