@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from proxy.config import Config, load_config
@@ -42,3 +43,14 @@ def assert_clean(where: str, data: str | bytes, secrets: list[str]) -> None:
     blob = data.encode() if isinstance(data, str) else data
     for secret in secrets:
         assert secret.encode() not in blob, f"plaintext key in {where}"
+
+
+def clear_of_the_minute_ending(margin: float = 20.0) -> None:
+    """Wait, if need be, until the failed-auth limiter's current one-minute window
+    (`proxy.auth_limit`: monotonic time // 60, the same clock in every process here) has
+    more than `margin` seconds left, so that a test's run of failures falls in one window."""
+    from proxy.auth_limit import WINDOW
+
+    left = WINDOW - time.monotonic() % WINDOW
+    if left < margin:
+        time.sleep(left + 0.05)
