@@ -21,6 +21,7 @@ _BACKENDS = ("sqlite", "postgresql")
 # A driver's words for a failed connection -> what to do about it.
 _FIXES = (
     ("connection refused", "is PostgreSQL running there? Check the host and port"),
+    ("role", "check the user name in DATABASE_URL, or create that role (createuser NAME)"),
     ("does not exist", "create the database (createdb NAME) or fix its name"),
     ("password authentication failed", "check the user and password"),
     ("no pg_hba.conf entry", "allow this client in pg_hba.conf or fix the user and host"),
@@ -52,12 +53,20 @@ def check(raw: str) -> URL:
             f"or PostgreSQL: {EXAMPLES}"
         )
     if backend == "sqlite":
-        _check_sqlite_path(url.database)
+        _check_sqlite_path(url)
     return url
 
 
-def _check_sqlite_path(database: str | None) -> None:
-    if not database or database == ":memory:" or database.startswith("file:"):
+def _check_sqlite_path(url: URL) -> None:
+    database = url.database
+    in_memory = url.query.get("mode") == "memory" or "mode=memory" in (database or "")
+    if not database or database == ":memory:" or in_memory:
+        # Each connection, worker and CLI command would open a database of its own, empty.
+        raise ConfigError(
+            "DATABASE_URL: an in-memory SQLite database cannot be shared by the proxy's "
+            "connections, workers and commands; give a file, e.g. sqlite:///./byok.db"
+        )
+    if database.startswith("file:"):
         return
     folder = Path(database).parent
     if not folder.is_dir():

@@ -98,6 +98,9 @@ async def stream_body(
     """The caller's body as it arrives. aiohttp wraps what this raises in a
     ClientError, so the real cause also goes into `failure`."""
     size = len(first)
+    if size > limit:  # uvicorn may hand over several network reads as one first chunk
+        failure.append(too_large(limit))
+        raise failure[0]
     yield first
     while True:
         message = await receive()

@@ -321,12 +321,19 @@ def bad_database_urls(tmp: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
         "malformed": (f"postgresql+psycopg://u:{PASSWORD}@host:port/db", ("not a database URL",)),
         "sqlite-no-dir": (f"sqlite:///{tmp / 'missing' / 'byok.db'}", ("does not exist",)),
         "sqlite-not-a-dir": (f"sqlite:///{blocker / 'byok.db'}", ("not a directory",)),
+        "sqlite-blank": ("sqlite://", ("in-memory", "sqlite:///./byok.db")),
+        "sqlite-empty-path": ("sqlite:///", ("in-memory",)),
+        "sqlite-memory": ("sqlite:///:memory:", ("in-memory",)),
     }
     server = _postgres_server()
     if server is not None:
         urls["missing-database"] = (
             f"postgresql+psycopg://postgres:{PASSWORD}@{server}/byok_no_such_database",
             ('"byok_no_such_database" does not exist', "createdb"),
+        )
+        urls["missing-role"] = (
+            f"postgresql+psycopg://byok_no_such_role:{PASSWORD}@{server}/test",
+            ('"byok_no_such_role" does not exist', "createuser"),
         )
     return urls
 

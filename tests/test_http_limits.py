@@ -468,3 +468,26 @@ def test_http_limits_from_env() -> None:
         HttpLimits.from_env({"BYOK_HTTP_MAX_HEAD_BYTES": "0"})
     assert 1 <= HttpLimits(max_connections=10**9).connection_cap() < 10**9
     assert HttpLimits(max_connections=5).connection_cap() == 5
+
+
+def test_a_streamed_body_over_the_limit_in_its_first_chunk_sends_nothing() -> None:
+    """uvicorn may hand several network reads over as one first chunk: a first chunk
+    already past the upload limit is refused before any of it goes upstream."""
+    import asyncio
+
+    from proxy.downstream import stream_body
+    from proxy.errors import RequestTooLarge
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def consume(first: bytes) -> tuple[list[bytes], list[Exception]]:
+        sent: list[bytes] = []
+        failure: list[Exception] = []
+        with pytest.raises(RequestTooLarge):
+            async for chunk in stream_body(receive, first, 5000, failure):
+                sent.append(chunk)
+        return sent, failure
+
+    sent, failure = asyncio.run(consume(b"u" * 6000))
+    assert sent == [] and isinstance(failure[0], RequestTooLarge)
