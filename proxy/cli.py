@@ -58,7 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"byok-proxy: admin token: {config.admin_token.reveal()}",
             file=sys.stderr,
         )
-    # Migrate once, before workers start (so they never race on the schema). One worker
+    # The schema, once, before workers start (so they never race on it): made in an empty
+    # database; an older one upgraded only with --migrate (or --dev). One worker
     # is this process: it checks the schema itself (a restart on a current one starts
     # nothing more) and the child inherits what that imported. With several, this
     # process only supervises: the child checks, so that it stays small.
@@ -114,6 +115,8 @@ def _migrate_in_child(args: argparse.Namespace) -> int:
     interpreter, so that it starts with what `serve` has imported already (~0.5 s
     sooner on a first start)."""
     argv = ["migrate", *(["--config", args.config] if args.config else [])]
+    if not (args.migrate or args.dev):
+        argv.append("--only-empty")
     child = multiprocessing.get_context("fork").Process(
         target=_migrate_child, args=(argv, args.dev), name="byok-migrate"
     )
@@ -163,15 +166,29 @@ def _serve_admin(host: str, port: int, log_level: str, log_format: str) -> None:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from proxy.store import make_engine, migrate
+    import json
+
+    from proxy.store import HEAD_REVISION, make_engine, migrate
 
     config = _config(args, dev=args.dev or os.environ.get("BYOK_DEV") == "1", needs=())
     _setup_logging(config.log_level, config.log_format)
     engine = make_engine(config.database_url)
     try:
-        migrate(engine)
+        found = migrate(engine, upgrade=not args.only_empty)
     finally:
         engine.dispose()
+    if args.only_empty:  # run by `serve`, which says nothing of a schema already there
+        return 0
+    if found == HEAD_REVISION:
+        done = f"the schema is already at revision {HEAD_REVISION}; nothing to do"
+    elif found is None:
+        done = f"created the schema at revision {HEAD_REVISION} in an empty database"
+    else:
+        done = f"upgraded the schema from revision {found} to {HEAD_REVISION}"
+    if args.json:
+        print(json.dumps({"revision": HEAD_REVISION, "found": found}))
+    else:
+        print(f"byok-proxy migrate: {done}")
     return 0
 
 
@@ -229,7 +246,9 @@ def _parser() -> argparse.ArgumentParser:
             """
             Run the proxy (/v1), the admin API (/api/v1), /healthz, /readyz and /metrics
             on one port (the admin API on its own port if config.yaml sets admin.port).
-            The database schema is migrated first. ENCRYPTION_KEY and ADMIN_TOKEN must be
+            An empty database gets its schema first; an older schema is refused unless
+            --migrate is given (other replicas may still be serving it: upgrade it once,
+            with `byok-proxy migrate`). ENCRYPTION_KEY and ADMIN_TOKEN must be
             set, except with --dev, which makes them once into ./.byok/ and prints the
             admin token: for a first try on your machine, never for production.
             """
@@ -245,7 +264,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--config", default=None)
     serve.add_argument(
-        "--dev", action="store_true", help="make missing secrets into ./.byok/ (not for production)"
+        "--dev",
+        action="store_true",
+        help="make missing secrets into ./.byok/, and upgrade an older schema (not for production)",
+    )
+    serve.add_argument(
+        "--migrate",
+        action="store_true",
+        help="upgrade an older database schema before serving (default: refuse it)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -266,16 +292,19 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = sub.add_parser(
         "migrate",
-        parents=[database],
         help="bring the database schema up to date",
         description=about(
             """
             Bring the database schema (DATABASE_URL) up to the version this release needs.
-            Safe to run again, and while replicas serve; `serve` runs it on its own at
-            startup, so you need it only to migrate ahead of a deployment.
+            Safe to run again, and while replicas serve, and by two at once (they take
+            turns). Run it once per upgrade, before starting the new release's replicas:
+            `serve` makes the schema of an empty database by itself, but refuses an older
+            one unless given --migrate.
             """
         ),
+        parents=[database, as_json],
     )
+    migrate.add_argument("--only-empty", action="store_true", help=argparse.SUPPRESS)
     migrate.set_defaults(func=cmd_migrate)
 
     rotate = sub.add_parser(

@@ -219,22 +219,36 @@ def check_schema(engine: Engine) -> None:
     if revision is None:
         migrate(engine)
     elif revision != HEAD_REVISION:
-        raise ConfigError(
-            f"the database schema is at revision {revision}, older than this byok-proxy "
-            f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas"
-        )
+        raise older_schema(revision)
 
 
-def migrate(engine: Engine) -> None:
-    """Bring the schema to HEAD_REVISION with Alembic (no-op, and no Alembic import, if there).
+def older_schema(revision: str) -> ConfigError:
+    """The one line for a schema older than this release: upgraded on purpose, once."""
+    return ConfigError(
+        f"the database schema is at revision {revision}, older than this byok-proxy "
+        f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas "
+        "(or start this one with `serve --migrate`)"
+    )
+
+
+def migrate(engine: Engine, upgrade: bool = True) -> str | None:
+    """Bring the schema to HEAD_REVISION with Alembic (no-op, and no Alembic import, if there);
+    returns the revision it found (None: an empty database).
+
+    With `upgrade` False, only an empty database gets its schema; an older one is
+    refused in one line (`serve` without --migrate: other replicas may still be
+    serving that schema, so it is upgraded once, on purpose, by `byok-proxy migrate`).
 
     Alembic (and Mako) cost the serving process ~10 MB, so `serve` runs this
     in a short-lived `byok-proxy migrate` process and workers only check.
     Several processes may run it at once (`_serialised`). A database that
     cannot be opened, or whose schema is newer, raises ConfigError: one line.
     """
-    if known_revision(engine) == HEAD_REVISION:
-        return
+    found = known_revision(engine)
+    if found == HEAD_REVISION:
+        return found
+    if found is not None and not upgrade:
+        raise older_schema(found)
     from alembic import command
     from alembic.config import Config as AlembicConfig
 
@@ -244,6 +258,7 @@ def migrate(engine: Engine) -> None:
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+    return found
 
 
 def _serialised(conn: Connection) -> None:

@@ -149,7 +149,8 @@ async def test_a_worker_refuses_an_older_schema_and_says_to_migrate(
 
     assert str(refused.value) == (
         f"the database schema is at revision 0001, older than this byok-proxy "
-        f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas"
+        f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas "
+        "(or start this one with `serve --migrate`)"
     )
     engine = make_engine(database_url)
     try:
@@ -317,5 +318,36 @@ def test_cli_database_commands_refuse_an_older_schema_too(
     engine = make_engine(database_url)
     try:
         assert store_module.current_revision(engine) == "0001"  # untouched
+    finally:
+        engine.dispose()
+
+
+def test_serve_refuses_an_older_schema_unless_told_to_migrate(
+    database_url: str, tmp_path: Path, master_key: str, fake: FakeOpenAI
+) -> None:
+    """A replica of a new release started against the old schema, which replicas of the
+    previous release may still be serving, refuses in one line; `serve --migrate` (an
+    operator's explicit choice) upgrades it and serves."""
+    _upgrade(database_url, "0001")
+    env = serve_env(tmp_path, master_key, database_url, fake.base_url)
+    port = free_port()
+    code, err = _finish(_start(["serve", "--port", str(port)], tmp_path, env))
+    assert code == 2, err
+    assert err.strip().splitlines() == [
+        f"byok-proxy: the database schema is at revision 0001, older than this byok-proxy "
+        f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas "
+        "(or start this one with `serve --migrate`)"
+    ]
+    engine = make_engine(database_url)
+    try:
+        assert store_module.current_revision(engine) == "0001"  # untouched
+    finally:
+        engine.dispose()
+
+    with serve(["--migrate"], env, tmp_path, port, tmp_path / "serve.log"):
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200
+    engine = make_engine(database_url)
+    try:
+        assert store_module.current_revision(engine) == HEAD_REVISION
     finally:
         engine.dispose()
