@@ -30,7 +30,7 @@ from sqlmodel import col, select
 
 from proxy import audit
 from proxy.errors import KeyDecryptionFailed
-from proxy.models import Tenant
+from proxy.models import AuditEvent, Tenant
 from proxy.replicas import live_replicas
 from proxy.security import Keyring
 from proxy.store import Store
@@ -233,9 +233,10 @@ def run_rotate_keys(
     if report.complete and not report.rotated and unused:
         names = ", ".join(_name(keyring, kid) for kid in unused)
         live = live_replicas(store)
-        if live and all(r.primary_key_id == primary for r in live):
-            # The running replicas encrypt with this key too: it is the new one, so this
-            # is a re-run after a finished rotation, not the new key put last.
+        if live and all(r.primary_key_id == primary for r in live) and _ever_rotated(store):
+            # The running replicas encrypt with this key too, and a rotation has run
+            # before: a re-run after a finished rotation, not the new key put last (with
+            # no rotation ever, every replica was given the new key last).
             print(
                 f"rotate-keys: rotation already complete: all {total} stored keys are under "
                 f"{_name(keyring, primary)}, which every running replica encrypts with; "
@@ -253,3 +254,12 @@ def run_rotate_keys(
         )
         return 1
     return 0 if report.complete else 1
+
+
+def _ever_rotated(store: Store) -> bool:
+    """Whether any rotation has re-encrypted a key here (an `openai_key.rotated` event)."""
+    with store.session() as s:
+        found = s.exec(
+            select(AuditEvent.id).where(col(AuditEvent.action) == "openai_key.rotated").limit(1)
+        ).first()
+    return found is not None

@@ -393,6 +393,25 @@ def test_a_replica_whose_clock_runs_late_still_counts_as_live(
     store.dispose()
 
 
+def test_the_new_key_put_last_on_every_replica_too_is_not_called_complete(
+    tmp_path: Path,
+) -> None:
+    """Every running replica and rotate-keys given ENCRYPTION_KEY=old,new (the new key
+    last everywhere): the replicas all encrypt with the old key, as after a finished
+    rotation, but no rotation ever ran here, so it is the order that is wrong: exit 1."""
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    old, new = generate_master_key(), generate_master_key()
+    store = seeded(db, Keyring.parse(old), 3)
+    add_replica(store, f"{old},{new}", pid=4242)
+    result = rotate(db, f"{old},{new}")
+    assert result.returncode == 1, result.stdout
+    assert "rotation already complete" not in result.stdout
+    assert "it must come first" in result.stderr
+    assert rotated_events(store) == []
+    assert_no_secrets(result, old, new)
+    store.dispose()
+
+
 def test_a_rerun_after_a_finished_rotation_exits_0(tmp_path: Path) -> None:
     """Every key already under the first one, and the running replicas encrypt with it:
     a finished rotation (not the new key put last), so a re-run is a success."""
