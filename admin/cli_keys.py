@@ -48,7 +48,10 @@ def keys_revoke(args: argparse.Namespace) -> int:
 
     with session(args) as s:
         revoke_api_key_row(s, SYSTEM, args.tenant, args.key_id)
-    print(f"proxy key {args.key_id} of tenant {args.tenant} revoked.")
+    if args.json:
+        print_json({"id": args.key_id, "tenant_id": args.tenant, "revoked": True})
+    else:
+        print(f"proxy key {args.key_id} of tenant {args.tenant} revoked.")
     return 0
 
 
@@ -120,7 +123,7 @@ def add_commands(sub: Any, plain: Parents, listing: Parents) -> None:
 
     revoke = ksub.add_parser(
         "revoke",
-        parents=plain,
+        parents=listing,
         help="revoke a proxy key",
         description=about(
             """

@@ -110,7 +110,10 @@ def tenants_delete(args: argparse.Namespace) -> int:
         _confirm(f"Delete tenant {args.tenant}, its proxy keys and its stored OpenAI key?")
     with session(args) as s:
         delete_tenant_row(s, SYSTEM, args.tenant)
-    print(f"tenant {args.tenant} deleted.")
+    if args.json:
+        print_json({"id": args.tenant, "deleted": True})
+    else:
+        print(f"tenant {args.tenant} deleted.")
     return 0
 
 
@@ -190,6 +193,9 @@ def tenants_remove_key(args: argparse.Namespace) -> int:
 
     with session(args) as s:
         removed = remove_openai_key(s, SYSTEM, args.tenant)
+    if args.json:
+        print_json({"tenant_id": args.tenant, "removed": bool(removed)})
+        return 0
     what = "removed" if removed else "had none stored; nothing to do"
     print(f"OpenAI key of tenant {args.tenant}: {what}.")
     return 0
@@ -289,7 +295,7 @@ def add_commands(sub: Any, plain: Parents, listing: Parents) -> None:
 
     delete = tsub.add_parser(
         "delete",
-        parents=plain,
+        parents=listing,
         help="delete a tenant and its keys",
         description=about(
             """
@@ -323,7 +329,7 @@ def add_commands(sub: Any, plain: Parents, listing: Parents) -> None:
 
     remove_key = tsub.add_parser(
         "remove-key",
-        parents=plain,
+        parents=listing,
         help="remove a tenant's stored OpenAI key",
         description=about(
             """

@@ -206,18 +206,25 @@ def cmd_rotate_keys(args: argparse.Namespace) -> int:
     config = _config(args, dev=args.dev)
     _setup_logging(config.log_level, config.log_format)
     store = Store.connect(config.database_url)
+    summary: dict[str, object] = {}
     try:
         check_schema(store.engine)  # an older schema: `byok-proxy migrate` upgrades it
-        return run_rotate_keys(
+        code = run_rotate_keys(
             store,
             config.keyring,
             force=args.force,
             batch_size=args.batch_size,
-            out=sys.stdout,
+            out=sys.stderr if args.json else sys.stdout,  # --json: the lines go to stderr
             err=sys.stderr,
+            summary=summary,
         )
     finally:
         store.dispose()
+    if args.json:
+        import json
+
+        print(json.dumps({**summary, "exit_code": code}))
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -308,7 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=cmd_migrate)
 
     rotate = sub.add_parser(
-        "rotate-keys", help="re-encrypt every stored key under the first key", parents=[database]
+        "rotate-keys",
+        help="re-encrypt every stored key under the first key",
+        parents=[database, as_json],
     )
     rotate.add_argument(
         "--force",

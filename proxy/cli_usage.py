@@ -69,11 +69,10 @@ def add_command(sub: Any, parents: Parents) -> None:
             Add up a usage log (USAGE_LOG: one JSON line per /v1 request) per group:
             requests, errors, tokens and cost, with a total line. LOGFILE `-` reads
             standard input to its end (e.g. `zcat usage.jsonl.1.gz | byok-proxy usage -`),
-            then prints. --since and
-            --until take a date (2026-12-01, its midnight UTC), an RFC 3339 time, today,
-            yesterday, or a duration back from now (30m, 24h, 7d); --since is inclusive,
-            --until exclusive. Lines that are not usage lines are counted and reported as
-            malformed, never added up.
+            then prints. --since and --until take a date (2026-12-01, its midnight UTC),
+            an RFC 3339 time, today, yesterday, or a duration back from now (30m, 24h,
+            7d); --since is inclusive, --until exclusive. Lines that are not usage lines
+            are counted and reported as malformed, never added up.
             """
         ),
     )

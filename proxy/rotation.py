@@ -189,11 +189,21 @@ def _refusals(store: Store, primary: str) -> list[str]:
 
 
 def run_rotate_keys(
-    store: Store, keyring: Keyring, *, force: bool, batch_size: int, out: TextIO, err: TextIO
+    store: Store,
+    keyring: Keyring,
+    *,
+    force: bool,
+    batch_size: int,
+    out: TextIO,
+    err: TextIO,
+    summary: dict[str, object] | None = None,
 ) -> int:
-    """The `rotate-keys` command: check the replicas, rotate, say what happened; exit code."""
+    """The `rotate-keys` command: check the replicas, rotate, say what happened; exit code.
+    `summary` (for --json) gets the figures: key id, replicas refused, counts."""
     primary = keyring.primary_kid
     refusals = _refusals(store, primary)
+    figures: dict[str, object] = {} if summary is None else summary
+    figures.update(primary_key_id=primary, replicas_not_ready=len(refusals))
     for line in refusals:
         print(f"rotate-keys: {line}", file=err)
     if refusals and not force:
@@ -209,12 +219,19 @@ def run_rotate_keys(
     print(f"rotate-keys: encrypting with {_name(keyring, primary)}", file=out)
     before = stored_key_ids(store)
     total = sum(before.values())
+    figures["stored"] = total
     if not total:
         print("rotate-keys: no stored OpenAI keys; nothing to do.", file=out)
         return 0
     held = ", ".join(f"{n} under {_name(keyring, kid)}" for kid, n in before.most_common())
     print(f"rotate-keys: {total} stored OpenAI keys: {held}", file=out)
     report = rotate_all(store, keyring, batch_size, Progress(err, total))
+    figures.update(
+        re_encrypted=report.rotated,
+        skipped=report.current,
+        left=report.failed,
+        written_meanwhile_under_old_keys=report.remaining - report.failed,
+    )
     print(
         f"rotate-keys: {report.rotated} re-encrypted, {report.current} skipped (already under "
         f"key {primary}), {report.failed} left",

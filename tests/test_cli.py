@@ -206,7 +206,10 @@ def test_database_commands_need_no_admin_token(tmp_path: Path) -> None:
     create = ["tenants", "create", "--name", "Acme", "--tier", "trial", "--id", "acme"]
     assert run(create, tmp_path, **db).returncode == 0
     assert run(["tenants", "list"], tmp_path, **db).returncode == 0
-    assert run(["migrate"], tmp_path, **db).returncode == 0
+    migrated = run(["migrate"], tmp_path, **db)
+    assert migrated.returncode == 0
+    assert migrated.stdout.startswith("byok-proxy migrate: the schema is already at revision")
+    assert json.loads(run(["migrate", "--json"], tmp_path, **db).stdout)["found"] is not None
     no_key = run(["tenants", "set-key", "acme"], tmp_path, GOOD_KEY, **db)
     assert no_key.returncode == 2 and "ENCRYPTION_KEY is not set" in one_line(no_key)
     assert not (tmp_path / ".byok").exists()  # without --dev nothing is made
@@ -263,13 +266,18 @@ def test_tenant_and_key_commands(tmp_path: Path, database_url: str) -> None:
     assert issued["name"] == "ci" and str(issued["api_key"]).startswith("byok-")
     keys = as_json("keys", "list", "acme")["data"]
     assert [k["id"] for k in keys] == [created["api_key_id"], issued["id"]]  # type: ignore[index]
-    assert cli("keys", "revoke", "acme", str(issued["id"])).returncode == 0
+    assert as_json("keys", "revoke", "acme", str(issued["id"])) == {
+        "id": issued["id"],
+        "tenant_id": "acme",
+        "revoked": True,
+    }
     assert len(as_json("keys", "list", "acme")["data"]) == 1  # type: ignore[arg-type]
     assert cli("keys", "revoke", "acme", "key_nope").returncode == 1
 
     assert cli("tenants", "remove-key", "acme").returncode == 0  # none stored: still fine
+    assert as_json("tenants", "remove-key", "acme") == {"tenant_id": "acme", "removed": False}
     assert cli("tenants", "delete", "acme").returncode == 2  # a script must say --yes
-    assert cli("tenants", "delete", "acme", "--yes").returncode == 0
+    assert as_json("tenants", "delete", "acme", "--yes") == {"id": "acme", "deleted": True}
     assert cli("tenants", "delete", "acme", "--yes").returncode == 1
 
     events = as_json("audit", "acme")["data"]

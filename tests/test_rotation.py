@@ -6,6 +6,7 @@ replicas serve traffic, and no key material in any output."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import pty
@@ -120,6 +121,28 @@ def assert_no_secrets(result: subprocess.CompletedProcess[str], *keys: str) -> N
     output = (result.stdout or "") + (result.stderr or "")
     for secret in (GOOD_KEY, GOOD_KEY[-12:], *keys):
         assert secret not in output
+
+
+def test_json_summary_for_scripts(tmp_path: Path) -> None:
+    """--json: one JSON object on stdout (the human lines go to stderr)."""
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    old, new = generate_master_key(), generate_master_key()
+    store = seeded(db, Keyring.parse(old), 4)
+    result = rotate(db, f"{new},{old}", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "primary_key_id": Keyring.parse(new).primary_kid,
+        "replicas_not_ready": 0,
+        "stored": 4,
+        "re_encrypted": 4,
+        "skipped": 0,
+        "left": 0,
+        "written_meanwhile_under_old_keys": 0,
+        "exit_code": 0,
+    }
+    assert "4 re-encrypted" in result.stderr
+    assert_no_secrets(result, old, new)
+    store.dispose()
 
 
 def test_counts_skips_and_leaves(tmp_path: Path) -> None:
