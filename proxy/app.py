@@ -115,6 +115,7 @@ class ByokApp:
             config.platform_key.default_output_tokens,
             on_spend=metrics.spent,
         )
+        spend.ledger.on_drop = metrics.ledger_rows_dropped.inc
         runtime = Runtime(
             config=config,
             store=store,

@@ -5,8 +5,11 @@ memory, on the event loop); `proxy.spend` takes the sums every second and
 writes them in one transaction (`write`), off the hot path, adding to the
 rows other workers and replicas write too. A write that fails keeps the sums
 for the next one (`restore`), so nothing promised is lost while the database
-is briefly away; past `MAX_PENDING` distinct rows the oldest are dropped and
-counted (`dropped`).
+is briefly away; past `MAX_PENDING` distinct rows (sums held and put back
+together) the oldest are dropped and counted (`dropped`, `dropped_requests`).
+Each flush calls `report()`: the drops since the last one go to the
+`byok_ledger_rows_dropped_total` metric (`on_drop`) and, at the first drop and
+then at most every `DROP_LOG_SECONDS`, to one ERROR line (counts only).
 
 The day is the UTC day of the usage line's `ts`, so the ledger's totals for a
 period equal the usage log's lines for it. `cost_nanos` is in 1e-9 USD (exact
@@ -18,21 +21,29 @@ per key and written with the same transaction.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
-from sqlalchemy import update
-from sqlmodel import Session, col
+from sqlalchemy import bindparam, update
+from sqlmodel import Session
 
 from proxy.models import ProxyKey, UsageLedger
 from proxy.upsert import insert_for
 from proxy.usage import UsageRecord
 
+log = logging.getLogger("byok.ledger")
+
 _TABLE = UsageLedger.__table__  # type: ignore[attr-defined]
+_KEYS = ProxyKey.__table__  # type: ignore[attr-defined]
 _COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_nanos")
+_COLUMNS = ("tenant_id", "day", "api_key_id", "model", *_COUNTERS, "unpriced")
 MAX_PENDING = 100_000  # distinct (tenant, key, model, day) rows held between writes
 TOUCH_EVERY = 60.0  # seconds between two `last_used_at` writes of one key
+DROP_LOG_SECONDS = 10.0  # at most one "rows dropped" ERROR line this often (the first at once)
 
 Row = tuple[str, date, str, str]  # tenant_id, day, api_key_id ("" = none), model ("" = none)
 
@@ -64,6 +75,16 @@ class Ledger:
         self._pending = Batch()
         self._touched: dict[str, float] = {}  # key id -> monotonic time of the last touch
         self.dropped = 0  # rows dropped because the database was away too long
+        self.dropped_requests = 0  # the requests counted in those rows
+        self.on_drop: Callable[[int], None] | None = None  # rows dropped, at each report()
+        self._metered = 0  # `dropped` as last handed to on_drop
+        self._logged = 0  # `dropped` as last logged
+        self._last_log = float("-inf")
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows held, not yet written."""
+        return len(self._pending.rows)
 
     def add(self, record: UsageRecord, cost_nanos: int | None) -> None:
         """Count one finished request (a usage line with a tenant)."""
@@ -74,8 +95,9 @@ class Ledger:
         sums = self._pending.rows.get(key)
         if sums is None:
             if len(self._pending.rows) >= MAX_PENDING:
-                self._pending.rows.pop(next(iter(self._pending.rows)))
+                oldest = self._pending.rows.pop(next(iter(self._pending.rows)))
                 self.dropped += 1
+                self.dropped_requests += oldest[0]
             sums = self._pending.rows[key] = [0] * (len(_COUNTERS) + 1)
         usage = record.usage
         sums[0] += 1
@@ -99,38 +121,83 @@ class Ledger:
             self._touched[key_id] = now
             self._pending.used[key_id] = datetime.now(UTC)
 
+    def unwritten(self) -> tuple[int, int]:
+        """(rows, requests) held, not yet written."""
+        return len(self._pending.rows), sum(sums[0] for sums in self._pending.rows.values())
+
     def take(self) -> Batch:
         """The sums so far, handed to a write; new requests count afresh."""
         batch, self._pending = self._pending, Batch()
         return batch
 
     def restore(self, batch: Batch) -> None:
-        """Put back the sums of a write that failed."""
-        for key, sums in batch.rows.items():
-            mine = self._pending.rows.get(key)
+        """Put back the sums of a write that failed (whose write surely did not commit).
+
+        They come first (older), the rows added while it was out after them; the bound
+        holds for both together, so the oldest past `MAX_PENDING` are dropped here."""
+        rows = batch.rows
+        for key, sums in self._pending.rows.items():
+            mine = rows.get(key)
             if mine is None:
-                self._pending.rows[key] = sums
+                rows[key] = sums
             else:
                 for i, value in enumerate(sums):
                     mine[i] += value
+        excess = len(rows) - MAX_PENDING
+        if excess > 0:
+            for key in list(itertools.islice(rows, excess)):
+                self.dropped_requests += rows.pop(key)[0]
+            self.dropped += excess
+        self._pending.rows = rows
         for key_id, when in batch.used.items():
             self._pending.used.setdefault(key_id, when)
 
+    def report(self) -> None:
+        """Hand the rows dropped since the last call to `on_drop` (the metric) and log
+        them: at the first drop, then at most every `DROP_LOG_SECONDS`. Once per flush,
+        never per request; counts only (no tenant, key or model)."""
+        if self.dropped == self._metered:
+            return
+        if self.on_drop is not None:
+            self.on_drop(self.dropped - self._metered)
+        self._metered = self.dropped
+        now = time.monotonic()
+        if now - self._last_log >= DROP_LOG_SECONDS:
+            log.error(
+                "USAGE LEDGER ROWS DROPPED: the database has not taken the ledger for too "
+                "long and this worker holds %d row(s) at most; %d row(s) dropped since the "
+                "last report, %d row(s) (%d request(s)) since start; %d row(s) pending. The "
+                "usage log still has their lines.",
+                MAX_PENDING,
+                self.dropped - self._logged,
+                self.dropped,
+                self.dropped_requests,
+                len(self._pending.rows),
+            )
+            self._logged, self._last_log = self.dropped, now
+
 
 def write(session: Session, batch: Batch) -> None:
-    """Add `batch` to the ledger rows and key timestamps (inside the caller's transaction)."""
-    insert = insert_for(session.bind.dialect.name)  # type: ignore[union-attr]
-    for (tenant_id, day, key_id, model), sums in sorted(batch.rows.items()):
-        values = dict(zip((*_COUNTERS, "unpriced"), sums, strict=True))
-        stmt = insert(_TABLE).values(
-            tenant_id=tenant_id, day=day, api_key_id=key_id, model=model, **values
-        )
+    """Add `batch` to the ledger rows and key timestamps (inside the caller's transaction).
+
+    One statement each, executed over all rows (executemany: 100,000 rows take seconds,
+    not the minute and more of one statement per row), in key order so that workers
+    writing the same rows lock them in the same order."""
+    if batch.rows:
+        insert = insert_for(session.bind.dialect.name)  # type: ignore[union-attr]
+        stmt = insert(_TABLE)
         stmt = stmt.on_conflict_do_update(
             index_elements=["tenant_id", "day", "api_key_id", "model"],
-            set_={name: _TABLE.c[name] + stmt.excluded[name] for name in values},
+            set_={name: _TABLE.c[name] + stmt.excluded[name] for name in _COLUMNS[4:]},
         )
-        session.execute(stmt)
-    for key_id, when in sorted(batch.used.items()):
+        rows = sorted(batch.rows.items())
         session.execute(
-            update(ProxyKey).where(col(ProxyKey.id) == key_id).values(last_used_at=when)
+            stmt, [dict(zip(_COLUMNS, (*key, *sums), strict=True)) for key, sums in rows]
         )
+    if batch.used:
+        touch = (
+            update(_KEYS)
+            .where(_KEYS.c.id == bindparam("key_id"))
+            .values(last_used_at=bindparam("when"))
+        )
+        session.execute(touch, [{"key_id": k, "when": w} for k, w in sorted(batch.used.items())])

@@ -82,6 +82,12 @@ class Metrics:
             "Usage lines dropped because the usage log sink did not keep up",
             registry=r,
         )
+        self.ledger_rows_dropped = Counter(
+            "byok_ledger_rows_dropped",
+            "Usage ledger rows (per tenant, key, model and day) dropped because the database "
+            "was away so long that the worker's buffer filled; counted at each flush",
+            registry=r,
+        )
         self.usage_log_writable = Gauge(
             "byok_usage_log_writable",
             "1 while the usage log can be written, 0 while it cannot",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -334,6 +335,7 @@ class SpendControl:
             await self._flush()
 
     async def _flush(self) -> None:
+        self.ledger.report()  # rows dropped since the last flush: metric, ERROR line
         batch = self.ledger.take()
         today = datetime.now(UTC).date()
         now = time.monotonic()
@@ -343,23 +345,55 @@ class SpendControl:
         if not batch and not ops:
             return
 
-        def work() -> dict[LeaseKey, int]:
-            with self.store.session() as s:
-                ledger.write(s, batch)
-                spent = budgets.write(s, ops)
-                s.commit()
-                return spent
+        # `store.run` stops waiting after its call timeout while the thread goes on and
+        # may still commit: the sums are kept for the next write only once this write
+        # surely did not commit (else the next one would add them a second time).
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[dict[LeaseKey, int] | None] = loop.create_future()
+        gate = threading.Lock()
+        state = {"began": False, "given_up": False}
+
+        def settle(spent: dict[LeaseKey, int] | None) -> None:
+            if not committed.done():
+                committed.set_result(spent)
+
+        def work() -> dict[LeaseKey, int] | None:
+            with gate:
+                if state["given_up"]:  # the flush stopped waiting before this began
+                    return None
+                state["began"] = True
+            written = None
+            try:
+                with self.store.session() as s:
+                    ledger.write(s, batch)
+                    spent = budgets.write(s, ops)
+                    s.commit()
+                    written = spent
+                return written
+            finally:
+                try:
+                    loop.call_soon_threadsafe(settle, written)
+                except RuntimeError:  # the loop is closed: nobody is waiting
+                    pass
 
         try:
             spent = await self.store.run(work)
-        except Exception as exc:  # the database is away: keep everything for the next write
-            self.ledger.restore(batch)
-            self.budgets.apply(ops, {}, ok=False)
-            if not isinstance(exc, StoreUnavailable):
-                log.error(
-                    "usage ledger not written: %s (kept for the next write)", type(exc).__name__
-                )
-            return
+        except Exception as exc:
+            with gate:
+                state["given_up"] = True
+                began = state["began"]
+            late = await committed if began else None  # a thread still out: its outcome
+            if late is None:  # the database is away: keep everything for the next write
+                self.ledger.restore(batch)
+                self.budgets.apply(ops, {}, ok=False)
+                if not isinstance(exc, StoreUnavailable):
+                    log.error(
+                        "usage ledger not written: %s (kept for the next write)",
+                        type(exc).__name__,
+                    )
+                return
+            spent = late  # committed after the store stopped waiting: written, once
+        assert spent is not None
         self.budgets.apply(ops, spent, ok=True)
 
     async def aclose(self) -> None:
@@ -371,4 +405,23 @@ class SpendControl:
         for lease in self.budgets.leases.values():
             lease.last_active = float("-inf")  # idle: handed back by this last write
         await self.flush()
+        self._report_unwritten()
         await self.limiter.aclose()
+
+    def _report_unwritten(self) -> None:
+        """After the last write: one ERROR with what it could not write (counts only)."""
+        rows, requests = self.ledger.unwritten()
+        leases = [*self.budgets.leases.values(), *(lease for _, lease in self.budgets.retired)]
+        sums = sum(1 for lease in leases if lease.used)
+        reserved = sum(1 for lease in leases if lease.granted > lease.held)
+        if rows or sums or reserved:
+            log.error(
+                "stopping with the database unavailable: %d usage ledger row(s) (%d "
+                "request(s)) and %d budget sum(s) not written, %d budget reservation(s) not "
+                "given back (reserved until their period ends); the usage log has the "
+                "requests' lines",
+                rows,
+                requests,
+                sums,
+                reserved,
+            )
