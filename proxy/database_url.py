@@ -8,6 +8,7 @@ message is shown with the password cut out as well.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from sqlalchemy.engine import URL, make_url
@@ -18,10 +19,13 @@ from proxy.config import ConfigError
 EXAMPLES = "sqlite:///./byok.db or postgresql+psycopg://user:password@host:5432/dbname"
 _BACKENDS = ("sqlite", "postgresql")
 
-# A driver's words for a failed connection -> what to do about it.
+# A driver's words for a failed connection -> what to do about it (the first that matches).
 _FIXES = (
+    (
+        re.compile(r'role ".*" does not exist'),
+        "check the user name in DATABASE_URL, or create that role (createuser NAME)",
+    ),
     ("connection refused", "is PostgreSQL running there? Check the host and port"),
-    ("role", "check the user name in DATABASE_URL, or create that role (createuser NAME)"),
     ("does not exist", "create the database (createdb NAME) or fix its name"),
     ("password authentication failed", "check the user and password"),
     ("no pg_hba.conf entry", "allow this client in pg_hba.conf or fix the user and host"),
@@ -31,6 +35,10 @@ _FIXES = (
     ("unable to open database file", "check that the file's directory exists and is writable"),
     ("file is not a database", "point it at a byok-proxy SQLite file, or a new path"),
 )
+
+
+def _matches(words: str | re.Pattern[str], reason: str) -> bool:
+    return bool(words.search(reason)) if isinstance(words, re.Pattern) else words in reason
 
 
 def masked(url: URL) -> str:
@@ -59,7 +67,9 @@ def check(raw: str) -> URL:
 
 def _check_sqlite_path(url: URL) -> None:
     database = url.database
-    in_memory = url.query.get("mode") == "memory" or "mode=memory" in (database or "")
+    in_memory = url.query.get("mode") == "memory" or any(
+        word in (database or "") for word in ("mode=memory", ":memory:")
+    )
     if not database or database == ":memory:" or in_memory:
         # Each connection, worker and CLI command would open a database of its own, empty.
         raise ConfigError(
@@ -96,7 +106,7 @@ def unreachable(url: URL, error: BaseException) -> ConfigError:
     if url.password:
         reason = reason.replace(str(url.password), "***")
     lowered = reason.lower()
-    fix = next((fix for words, fix in _FIXES if words in lowered), "check DATABASE_URL")
+    fix = next((fix for words, fix in _FIXES if _matches(words, lowered)), "check DATABASE_URL")
     return ConfigError(
         f"cannot open the database {masked(url)}: {reason or type(original).__name__}; "
         f"{fix} (DATABASE_URL)"

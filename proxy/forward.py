@@ -302,6 +302,8 @@ class Forwarder:
             if first["type"] == "http.disconnect":
                 raise ClientGone()
             chunk = first.get("body", b"")
+            if len(chunk) > limit:  # refused before any upstream connection is made
+                raise too_large(limit)
             if restricted and multipart and not on_platform:
                 assert content_type is not None
                 record.model, held, more = await read_model_field(
@@ -312,8 +314,6 @@ class Forwarder:
                 body = refuse_second_model(content_type, rest, upload_failure)
                 streamed_body = True
             elif not first.get("more_body"):
-                if len(chunk) > limit:
-                    raise too_large(limit)
                 body = chunk
             elif is_json:
                 body = await read_all(receive, chunk, limit)
