@@ -405,6 +405,7 @@ class SpendControl:
         for lease in self.budgets.leases.values():
             lease.last_active = float("-inf")  # idle: handed back by this last write
         await self.flush()
+        self.ledger.report()  # rows the last write's put-back dropped: metric, ERROR line
         self._report_unwritten()
         await self.limiter.aclose()
 
