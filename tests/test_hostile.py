@@ -394,17 +394,18 @@ print(json.dumps(sorted(took)))
 def test_body_sized_work_never_holds_the_loop(served: tuple[str, Path]) -> None:
     url, tmp = served
     key = _tenant(url, "acme")
-    # A stall seen once may be the machine (another process had both cores); the bug
-    # this catches stalls every time, so a second run must stall too to fail. The worst
+    # A stall seen once may be the machine (another process had both cores; CI at a load
+    # average of 9 once saw two in a row, 1.1 s worst); the bug this catches stalls
+    # every time, so three runs in a row must stall to fail. The worst
     # allowed is 0.5 s: after the whole suite has run, the client, the proxy and the
     # probe on two cores have shown 0.33 s twice in a row without the bug (0.08-0.15 s
     # alone), and parsing the 60 MiB body whole on the loop took 0.38 s on a slower day,
     # so on fast machines this guards against the gross case only (README).
-    for attempt in range(2):
+    for attempt in range(3):
         p50, worst = _probe_while_big_bodies_pass(url, key, tmp / f"stop-probe-{attempt}")
         if p50 < 0.05 and worst < 0.5:
             return
-    raise AssertionError(f"the loop stalled twice: p50 {p50:.3f} s, worst {worst:.3f} s")
+    raise AssertionError(f"the loop stalled three times: p50 {p50:.3f} s, worst {worst:.3f} s")
 
 
 def _probe_while_big_bodies_pass(url: str, key: str, stop: Path) -> tuple[float, float]:
