@@ -68,6 +68,22 @@ def _upgrade(database_url: str, revision: str) -> None:
         engine.dispose()
 
 
+OLDER_0001 = (
+    f"the database schema is at revision 0001, older than this byok-proxy "
+    f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas "
+    "(or start this one with `serve --migrate`)"
+)
+
+
+def _revision(database_url: str) -> str | None:
+    """The schema revision the database records."""
+    engine = make_engine(database_url)
+    try:
+        return store_module.current_revision(engine)
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeOpenAI]:
     upstream, server = start_fake()
@@ -147,16 +163,8 @@ async def test_a_worker_refuses_an_older_schema_and_says_to_migrate(
         async with create_app(make_config(database_url, master_key)).lifespan():
             pass
 
-    assert str(refused.value) == (
-        f"the database schema is at revision 0001, older than this byok-proxy "
-        f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas "
-        "(or start this one with `serve --migrate`)"
-    )
-    engine = make_engine(database_url)
-    try:
-        assert store_module.current_revision(engine) == "0001"  # untouched
-    finally:
-        engine.dispose()
+    assert str(refused.value) == OLDER_0001
+    assert _revision(database_url) == "0001"  # untouched
 
 
 # --- the upgrade from the first revision ---------------------------------------------
@@ -315,11 +323,7 @@ def test_cli_database_commands_refuse_an_older_schema_too(
         code, err = _finish(_start(args, tmp_path, env))
         assert code != 0 and "older than this byok-proxy" in err, (args, err)
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
-    engine = make_engine(database_url)
-    try:
-        assert store_module.current_revision(engine) == "0001"  # untouched
-    finally:
-        engine.dispose()
+    assert _revision(database_url) == "0001"  # untouched
 
 
 def test_serve_refuses_an_older_schema_unless_told_to_migrate(
@@ -333,21 +337,9 @@ def test_serve_refuses_an_older_schema_unless_told_to_migrate(
     port = free_port()
     code, err = _finish(_start(["serve", "--port", str(port)], tmp_path, env))
     assert code == 2, err
-    assert err.strip().splitlines() == [
-        f"byok-proxy: the database schema is at revision 0001, older than this byok-proxy "
-        f"({HEAD_REVISION}): run `byok-proxy migrate` (once), then start the replicas "
-        "(or start this one with `serve --migrate`)"
-    ]
-    engine = make_engine(database_url)
-    try:
-        assert store_module.current_revision(engine) == "0001"  # untouched
-    finally:
-        engine.dispose()
+    assert err.strip().splitlines() == [f"byok-proxy: {OLDER_0001}"]
+    assert _revision(database_url) == "0001"  # untouched
 
     with serve(["--migrate"], env, tmp_path, port, tmp_path / "serve.log"):
         assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30).status_code == 200
-    engine = make_engine(database_url)
-    try:
-        assert store_module.current_revision(engine) == HEAD_REVISION
-    finally:
-        engine.dispose()
+    assert _revision(database_url) == HEAD_REVISION
