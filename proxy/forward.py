@@ -162,6 +162,7 @@ class _Call:
     strip_usage: bool
     settle: Callable[[], Awaitable[None]] | None = None  # the allowance, before the last byte
     added_headers: Sequence[tuple[bytes, bytes]] = ()  # spend control's, on the response
+    added_names: frozenset[bytes] = frozenset()  # their names
 
 
 async def _before_last_send(call: _Call, watcher: DisconnectWatch) -> None:
@@ -363,7 +364,7 @@ class Forwarder:
             url, choice, tenant.ciphertext, body, streamed_body, length, upload_failure, strip_usage
         )
         if admitted and admitted[0].headers:
-            call.added_headers = admitted[0].headers
+            call.added_headers, call.added_names = admitted[0].headers, admitted[0].header_names
         if reservation is not None:
             # Settled before the response's last byte (the tenant's next request sees it),
             # or, if the request ends any other way, when it ends.
@@ -507,7 +508,11 @@ class Forwarder:
             replaced = rejections.relayable(error_body, encoding, choice.secret.reveal(), complete)
             if replaced is None:
                 headers = response_headers(
-                    response.raw_headers, rid_header, body_changed=False, added=call.added_headers
+                    response.raw_headers,
+                    rid_header,
+                    body_changed=False,
+                    added=call.added_headers,
+                    added_names=call.added_names,
                 )
             else:
                 error_body = replaced
@@ -517,6 +522,7 @@ class Forwarder:
                     body_changed=True,
                     length=len(error_body),
                     added=call.added_headers,
+                    added_names=call.added_names,
                 )
             record.status = status
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -530,6 +536,7 @@ class Forwarder:
             rid_header,
             body_changed=strip_usage and sse,
             added=call.added_headers,
+            added_names=call.added_names,
         )
         record.status = status
         size = response.content_length

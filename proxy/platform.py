@@ -157,17 +157,25 @@ def estimate_tokens(
     return body_size + (default_output if limit is None else limit) * choices
 
 
+_OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
 def requested_output(path: str, request: dict[str, Any] | None) -> tuple[int | None, int]:
     """The output a request may make: its own limit per choice (None: it states none) and
     its number of choices; (0, 0) for one that makes none (embeddings, no JSON body)."""
     if path == "/v1/embeddings" or request is None or path not in USAGE_ENDPOINTS:
         return 0, 0
     limit = None
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
-        limit = _count(request.get(name))
-        if limit is not None:
-            break
-    choices = max(_count(request.get("n")) or 1, _count(request.get("best_of")) or 1)
+    for name in _OUTPUT_LIMITS:
+        value = request.get(name)
+        if value is not None:
+            limit = _count(value)
+            if limit is not None:
+                break
+    n, best_of = request.get("n"), request.get("best_of")
+    choices = 1
+    if n is not None or best_of is not None:
+        choices = max(_count(n) or 1, _count(best_of) or 1)
     if path == "/v1/completions":
         prompt = request.get("prompt")
         if isinstance(prompt, list) and prompt:

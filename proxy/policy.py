@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
@@ -94,24 +94,29 @@ class Policy:
     rpm: int | None = None
     tpm: int | None = None
     allowed: tuple[str, ...] | None = None  # lower-cased; a trailing * matches a prefix
+    # `allowed` split for `allows`: the exact names, and the prefixes of the patterns.
+    _exact: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
+    _prefixes: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        entries = self.allowed or ()
+        object.__setattr__(self, "_exact", frozenset(e for e in entries if not e.endswith("*")))
+        object.__setattr__(self, "_prefixes", tuple(e[:-1] for e in entries if e.endswith("*")))
 
     def allows(self, model: str) -> bool:
         """Whether `model` is on the allow-list (always, when there is none)."""
         if self.allowed is None:
             return True
         name = model.lower()
-        for entry in self.allowed:
-            if entry.endswith("*"):
-                if name.startswith(entry[:-1]):
-                    return True
-            elif name == entry:
-                return True
-        return False
+        return name in self._exact or name.startswith(self._prefixes)
 
 
-def restricts_models(*policies: Policy | None) -> bool:
-    """Whether any of `policies` has an allow-list (the body must then name its model)."""
-    return any(p is not None and p.allowed is not None for p in policies)
+def restricts_models(tenant: Policy | None, key: Policy | None) -> bool:
+    """Whether the tenant's or the key's policy has an allow-list (the body must then name
+    its model)."""
+    return (tenant is not None and tenant.allowed is not None) or (
+        key is not None and key.allowed is not None
+    )
 
 
 # POST routes that run no model, so they pass an allow-list without naming one. Any other

@@ -65,8 +65,12 @@ Headers = tuple[tuple[bytes, bytes], ...]
 # Per limit, two buckets side by side: [requests, tokens, requests, tokens, ...].
 Caps = list[int | None]  # each bucket's limit (None: that dimension is not limited)
 _DIMS = ("requests", "tokens")
-_HEADER_NAMES = tuple(
-    tuple(f"x-ratelimit-{what}-{dim}".encode() for what in ("limit", "remaining", "reset"))
+_HEADER_NAMES: tuple[tuple[bytes, bytes, bytes], ...] = tuple(
+    (
+        f"x-ratelimit-limit-{dim}".encode(),
+        f"x-ratelimit-remaining-{dim}".encode(),
+        f"x-ratelimit-reset-{dim}".encode(),
+    )
     for dim in _DIMS
 )
 
@@ -80,14 +84,75 @@ class Limit:
     tpm: int | None  # tokens per minute, None = no limit
 
 
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """A sequence of limits prepared once (`RateLimiter._shape`) for every request under it:
+    the limits that limit something, each bucket's cap, and what the hot path loops over."""
+
+    limits: Sequence[Limit]  # the sequence it was made for (held: its id stays its own)
+    active: tuple[Limit, ...]
+    caps: Caps  # per active limit: its requests bucket's cap, then its tokens bucket's
+    # Per limited bucket: its index in `caps`, its dimension (0 requests, 1 tokens), its
+    # scope, its cap, and the level it may reach (the cap plus rounding slack).
+    buckets: tuple[tuple[int, int, str, int, float], ...]
+    # Per limited dimension: its header names and, per limited bucket, its index in
+    # `caps`, its cap, the cap plus rounding slack, and the cap as the header writes it.
+    header_plan: tuple[
+        tuple[tuple[bytes, bytes, bytes], tuple[tuple[int, int, float, bytes], ...]], ...
+    ]
+    tpms: tuple[int, ...]  # the tpm of each limit with one (the buckets settle corrects)
+    token_scopes: tuple[str, ...]  # and their scopes
+    header_names: frozenset[bytes]  # the names of the headers `_headers` writes
+
+    @classmethod
+    def of(cls, limits: Sequence[Limit]) -> _Shape:
+        active = tuple(lim for lim in limits if lim.rpm is not None or lim.tpm is not None)
+        caps: Caps = [cap for lim in active for cap in (lim.rpm, lim.tpm)]
+        buckets = tuple(
+            (i, i & 1, active[i >> 1].scope, cap, cap + cap * SLACK)
+            for i, cap in enumerate(caps)
+            if cap is not None
+        )
+        plan = tuple(
+            (names, limited)
+            for dim, names in enumerate(_HEADER_NAMES)
+            if (
+                limited := tuple(
+                    (i, cap, cap + cap * SLACK, b"%d" % cap)
+                    for i, cap in enumerate(caps)
+                    if i % 2 == dim and cap is not None
+                )
+            )
+        )
+        timed = [lim for lim in active if lim.tpm is not None]
+        return cls(
+            limits,
+            active,
+            caps,
+            buckets,
+            plan,
+            tuple(lim.tpm for lim in timed if lim.tpm is not None),
+            tuple(lim.scope for lim in timed),
+            frozenset(name for names, _ in plan for name in names),
+        )
+
+    def costs(self, tokens: int) -> list[int]:
+        """Per bucket, what a request of `tokens` (an estimate) costs in it."""
+        return [cost for lim in self.active for cost in (1, _cost(lim, tokens))]
+
+
 @dataclass(slots=True)
 class Ticket:
     """What admit() granted; settle() corrects its token count."""
 
-    limits: tuple[Limit, ...]
+    shape: _Shape
     tokens: int  # the estimate the request was admitted on
     headers: Headers  # x-ratelimit-* to add to the response
     in_redis: bool = False  # counted in Redis (else in this process): settle goes there too
+
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        return self.shape.active
 
 
 _now = time.monotonic  # the per-process buckets' clock (the tests move it by hand)
@@ -126,31 +191,28 @@ def _describe(scope: str) -> str:
     return scope
 
 
-def _headers(caps: Caps, levels: Sequence[float]) -> Headers:
+def _headers(shape: _Shape, levels: Sequence[float]) -> Headers:
     """The x-ratelimit-* headers: per dimension, the bucket with the least remaining;
     its reset is the time until it is empty again."""
     out: Headers = ()
-    for dim, names in enumerate(_HEADER_NAMES):
-        best_left, best_cap, best_level = -1, 0, 0.0
-        for i in range(dim, len(caps), 2):
-            cap = caps[i]
-            if cap is not None:
-                left = _remaining(levels[i], cap)
-                if best_left < 0 or left < best_left:
-                    best_left, best_cap, best_level = left, cap, levels[i]
-        if best_left >= 0:
-            out += (
-                (names[0], b"%d" % best_cap),
-                (names[1], b"%d" % best_left),
-                (names[2], format_duration(best_level * 60 / best_cap).encode()),
-            )
+    for names, buckets in shape.header_plan:
+        best_left = -1
+        for i, cap, most, cap_text in buckets:  # remaining: `_remaining`, inlined
+            left = int(most - levels[i])  # int() truncates: floor, for what is kept
+            if left < 0:
+                left = 0
+            if best_left < 0 or left < best_left:
+                best_left, best, best_cap, best_text = left, i, cap, cap_text
+        seconds = levels[best] * 60 / best_cap
+        ms = round(seconds * 1000)
+        reset = b"%dms" % ms if 0 < ms < 1000 else format_duration(seconds).encode()
+        out += ((names[0], best_text), (names[1], b"%d" % best_left), (names[2], reset))
     return out
 
 
-def _refusal(
-    limits: Sequence[Limit], caps: Caps, costs: Sequence[int], levels: Sequence[float]
-) -> RateLimitExceeded:
+def _refusal(shape: _Shape, costs: Sequence[int], levels: Sequence[float]) -> RateLimitExceeded:
     """The 429, naming the bucket this request waits longest for (`levels`: before it)."""
+    limits, caps = shape.active, shape.caps
     waits = [
         -1.0 if cap is None else (levels[i] + costs[i] - cap) * 60 / cap
         for i, cap in enumerate(caps)
@@ -169,7 +231,7 @@ def _refusal(
         (b"retry-after", str(max(1, math.ceil(wait))).encode()),
         (b"retry-after-ms", str(max(1, math.ceil(wait * 1000))).encode()),
     )
-    return RateLimitExceeded(message, kind, retry + _headers(caps, levels))
+    return RateLimitExceeded(message, kind, retry + _headers(shape, levels))
 
 
 _Outcome = tuple[bool, list[float]]  # admitted, and the levels (after it if so, else before)
@@ -182,42 +244,57 @@ class _LocalBuckets:
         self._dims: tuple[dict[str, list[float]], ...] = ({}, {})
         self._swept = _now()
 
-    def admit(self, limits: Sequence[Limit], caps: Caps, costs: Sequence[int]) -> _Outcome:
-        """Check every bucket, then add to all of them (no await: atomic on one loop)."""
+    def admit(self, shape: _Shape, tokens: int) -> _Outcome:
+        """Check every bucket for a request of `tokens`, then add to all of them (no
+        await: atomic on one loop). A request costs 1 in a requests bucket and its
+        tokens, at most the cap, in a tokens bucket (`_Shape.costs`)."""
         now = _now()
         if now - self._swept > SWEEP_SECONDS:
             self._sweep(now)
         dims = self._dims
-        levels = [0.0] * len(caps)
-        buckets: list[list[float] | None] = [None] * len(caps)
+        levels = [0.0] * len(shape.caps)
+        found: list[tuple[list[float] | None, int]] = []  # per bucket: it, and the cost
         fits = True
-        for i, cap in enumerate(caps):
-            if cap is not None:
-                bucket = buckets[i] = dims[i & 1].get(limits[i >> 1].scope)
-                if bucket is not None:  # drained since it was last measured
-                    level = bucket[0] - (now - bucket[1]) * bucket[2] / 60
-                    if level > 0.0:
-                        levels[i] = level
-                if levels[i] + costs[i] > cap + cap * SLACK:
-                    fits = False
+        for i, dim, scope, cap, most in shape.buckets:
+            bucket = dims[dim].get(scope)
+            cost = (tokens if tokens < cap else cap) if dim else 1
+            found.append((bucket, cost))
+            level = 0.0
+            if bucket is not None:  # drained since it was last measured
+                level = bucket[0] - (now - bucket[1]) * bucket[2] / 60
+                if level < 0.0:
+                    level = 0.0
+            levels[i] = level
+            if level + cost > most:
+                fits = False
         if fits:
-            for i, cap in enumerate(caps):
-                if cap is not None:
-                    level = levels[i] = levels[i] + costs[i]
-                    bucket = buckets[i]
-                    if bucket is None:
-                        dims[i & 1][limits[i >> 1].scope] = [level, now, cap]
-                    else:
-                        bucket[0], bucket[1], bucket[2] = level, now, cap
+            for (i, dim, scope, cap, _most), (bucket, cost) in zip(
+                shape.buckets, found, strict=True
+            ):
+                level = levels[i] = levels[i] + cost
+                if bucket is None:
+                    dims[dim][scope] = [level, now, cap]
+                else:
+                    bucket[0], bucket[1], bucket[2] = level, now, cap
         return fits, levels
 
-    def settle(self, limits: Sequence[Limit], deltas: Sequence[int]) -> None:
-        """Add `deltas` to the limits' token buckets (never below empty)."""
+    def settle(self, shape: _Shape, estimate: int, actual: int) -> None:
+        """Add `actual` minus what `estimate` cost to the shape's token buckets (never
+        below empty)."""
         now = _now()
-        for limit, delta in zip(limits, deltas, strict=True):
-            if limit.tpm is not None:
-                level = self._level(1, limit.scope, now) + delta
-                self._store(1, limit.scope, level if level > 0.0 else 0.0, now, limit.tpm)
+        buckets = self._dims[1]
+        for scope, tpm in zip(shape.token_scopes, shape.tpms, strict=True):
+            delta = actual - (estimate if estimate < tpm else tpm)
+            if not delta:
+                continue
+            bucket = buckets.get(scope)
+            if bucket is None:
+                if delta > 0:
+                    buckets[scope] = [float(delta), now, tpm]
+                continue
+            level = bucket[0] - max(0.0, now - bucket[1]) * bucket[2] / 60
+            level = (level if level > 0.0 else 0.0) + delta
+            bucket[0], bucket[1], bucket[2] = (level if level > 0.0 else 0.0), now, tpm
 
     def _level(self, dim: int, scope: str, now: float) -> float:
         bucket = self._dims[dim].get(scope)
@@ -225,13 +302,6 @@ class _LocalBuckets:
             return 0.0
         level, then, cap = bucket
         return max(0.0, level - max(0.0, now - then) * cap / 60)
-
-    def _store(self, dim: int, scope: str, level: float, now: float, cap: int) -> None:
-        bucket = self._dims[dim].get(scope)
-        if bucket is None:
-            self._dims[dim][scope] = [level, now, cap]
-        else:
-            bucket[0], bucket[1], bucket[2] = level, now, cap
 
     def _sweep(self, now: float) -> None:
         self._swept = now
@@ -307,7 +377,7 @@ class RateLimiter:
         self._config = config
         self._on_backend = on_backend
         self._local = _LocalBuckets()
-        self._shapes: dict[int, tuple[Sequence[Limit], tuple[Limit, ...], Caps]] = {}
+        self._shapes: dict[int, _Shape] = {}
         self._redis: aioredis.Redis | None = None
         self._healthy = True  # Redis answered last time (or was never tried)
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
@@ -344,16 +414,16 @@ class RateLimiter:
 
         Returns None when nothing limits it; raises RateLimitExceeded (429) or, with
         Redis down and fail closed, RateLimiterUnavailable (503)."""
-        active, caps = self._shape(limits)
-        if not active:
+        shape = self._shape(limits)
+        if not shape.active:
             return None
         tokens = max(0, tokens)
-        costs = [cost for lim in active for cost in (1, _cost(lim, tokens))]
+        costs = shape.costs(tokens)
         outcome: _Outcome | None = None
         in_redis = False
         if self._try_redis():
             try:
-                outcome = await self._admit_redis(active, caps, costs)
+                outcome = await self._admit_redis(shape, costs)
                 in_redis = True
                 self._redis_ok()
             except self._errors as exc:
@@ -361,11 +431,11 @@ class RateLimiter:
         if outcome is None:
             if self._redis is not None and not self._config.fail_open:
                 raise RateLimiterUnavailable()
-            outcome = self._local.admit(active, caps, costs)
+            outcome = self._local.admit(shape, tokens)
         admitted, levels = outcome
         if not admitted:
-            raise _refusal(active, caps, costs, levels)
-        return Ticket(active, tokens, _headers(caps, levels), in_redis)
+            raise _refusal(shape, costs, levels)
+        return Ticket(shape, tokens, _headers(shape, levels), in_redis)
 
     @property
     def in_process(self) -> bool:
@@ -374,58 +444,55 @@ class RateLimiter:
 
     def admit_here(self, limits: Sequence[Limit], tokens: int) -> Ticket | None:
         """`admit` in this process's buckets, without a coroutine (no Redis configured)."""
-        active, caps = self._shape(limits)
-        if not active:
+        shape = self._shape(limits)
+        if not shape.active:
             return None
         tokens = max(0, tokens)
-        costs = [cost for lim in active for cost in (1, _cost(lim, tokens))]
-        admitted, levels = self._local.admit(active, caps, costs)
+        admitted, levels = self._local.admit(shape, tokens)
         if not admitted:
-            raise _refusal(active, caps, costs, levels)
-        return Ticket(active, tokens, _headers(caps, levels))
+            raise _refusal(shape, shape.costs(tokens), levels)
+        return Ticket(shape, tokens, _headers(shape, levels))
 
-    def _shape(self, limits: Sequence[Limit]) -> tuple[tuple[Limit, ...], Caps]:
-        """The limits that limit something, and their buckets' caps (remembered for the
-        same sequence of limits, which `proxy.spend` keeps per tenant and key)."""
-        known = self._shapes.get(id(limits))
-        if known is not None and known[0] is limits:
-            return known[1], known[2]
-        active = tuple(lim for lim in limits if lim.rpm is not None or lim.tpm is not None)
-        caps: Caps = [cap for lim in active for cap in (lim.rpm, lim.tpm)]
+    def _shape(self, limits: Sequence[Limit]) -> _Shape:
+        """`limits` prepared for admitting (remembered for the same sequence of limits,
+        which `proxy.spend` keeps per tenant and key)."""
+        shape = self._shapes.get(id(limits))
+        if shape is not None and shape.limits is limits:
+            return shape
+        shape = _Shape.of(limits)
         if len(self._shapes) >= _MAX_SHAPES:
             self._shapes.clear()
-        self._shapes[id(limits)] = (limits, active, caps)  # holds `limits`: its id stays its
-        return active, caps
+        self._shapes[id(limits)] = shape
+        return shape
 
     def settle_here(self, ticket: Ticket, actual_tokens: int | None) -> bool:
         """Settle what needs no Redis call (nothing to correct, or counted in this
         process) at once; False when `settle` must still be awaited for Redis."""
-        if actual_tokens is None:
+        if actual_tokens is None or not ticket.shape.tpms:
             return True
-        limits, deltas = self._deltas(ticket, actual_tokens)
-        if not any(deltas):
-            return True
+        actual = actual_tokens if actual_tokens > 0 else 0
         if ticket.in_redis:
-            return False
-        self._local.settle(limits, deltas)
+            return not any(self._deltas(ticket, actual))
+        self._local.settle(ticket.shape, ticket.tokens, actual)
         return True
 
     @staticmethod
-    def _deltas(ticket: Ticket, actual_tokens: int) -> tuple[list[Limit], list[int]]:
-        actual = actual_tokens if actual_tokens > 0 else 0
-        limits = [lim for lim in ticket.limits if lim.tpm is not None]
-        return limits, [actual - _cost(lim, ticket.tokens) for lim in limits]
+    def _deltas(ticket: Ticket, actual: int) -> list[int]:
+        """Per token bucket of the ticket, the tokens to add (`actual` minus its cost)."""
+        tokens = ticket.tokens
+        return [actual - (tokens if tokens < tpm else tpm) for tpm in ticket.shape.tpms]
 
     async def settle(self, ticket: Ticket, actual_tokens: int | None) -> None:
         """Add `actual_tokens` minus the ticket's estimate to its token buckets, however
         late; None (not known) keeps the estimate. Never raises."""
         if actual_tokens is None or self.settle_here(ticket, actual_tokens):
             return
-        limits, deltas = self._deltas(ticket, actual_tokens)
+        deltas = self._deltas(ticket, actual_tokens if actual_tokens > 0 else 0)
         if not self._try_redis():
             return  # Redis is down: that correction is lost (its buckets drain regardless)
-        keys = [self._key(lim.scope, "t") for lim in limits]
-        args = [x for i, lim in enumerate(limits) for x in (lim.tpm or 0, deltas[i])]
+        shape = ticket.shape
+        keys = [self._key(scope, "t") for scope in shape.token_scopes]
+        args = [x for tpm, delta in zip(shape.tpms, deltas, strict=True) for x in (tpm, delta)]
         try:
             await self._settle_script(keys=keys, args=args)
             self._redis_ok()
@@ -439,10 +506,9 @@ class RateLimiter:
         if self._redis is not None:
             await self._redis.aclose()
 
-    async def _admit_redis(
-        self, limits: tuple[Limit, ...], caps: Caps, costs: list[int]
-    ) -> _Outcome:
-        keys = [self._key(lim.scope, dim) for lim in limits for dim in ("r", "t")]
+    async def _admit_redis(self, shape: _Shape, costs: list[int]) -> _Outcome:
+        keys = [self._key(lim.scope, dim) for lim in shape.active for dim in ("r", "t")]
+        caps = shape.caps
         args = [x for i, cap in enumerate(caps) for x in (-1 if cap is None else cap, costs[i])]
         reply: list[Any] = await self._admit_script(keys=keys, args=args)
         return reply[0] == 1, [float(level) for level in reply[1:]]

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -70,7 +70,8 @@ class Admission:
 
     holds: list[Hold] = field(default_factory=list)
     ticket: Ticket | None = None
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    headers: Sequence[tuple[bytes, bytes]] = ()
+    header_names: frozenset[bytes] = frozenset()  # the names of `headers`
 
 
 def _charge(held: int, record: UsageRecord, outcome: str) -> int:
@@ -111,8 +112,16 @@ class SpendControl:
         self._flushing = asyncio.Lock()
         self._wake = asyncio.Event()
         self._closing = False
+        self._day: tuple[int, date] = (-1, date(1970, 1, 1))  # `_utc_today`'s last answer
 
     # --- the hot path ----------------------------------------------------------------
+
+    def _utc_today(self) -> date:
+        """Today's UTC date (`datetime.now(UTC).date()`, worked out once a day)."""
+        number = int(time.time() // 86400)
+        if number != self._day[0]:
+            self._day = (number, datetime.fromtimestamp(number * 86400, UTC).date())
+        return self._day[1]
 
     def _plan(self, tenant: TenantSnapshot, principal: Principal) -> _Plan:
         """The limits and budgets a tenant and key are under, built once per cache load
@@ -160,18 +169,30 @@ class SpendControl:
             metered = record.path in USAGE_ENDPOINTS
             tokens = body_size // 4 + (limit or 0) * choices if metered else 0
             if self.limiter.in_process:
-                admission.ticket = self.limiter.admit_here(limits, tokens)
+                ticket = self.limiter.admit_here(limits, tokens)
             else:
-                admission.ticket = await self.limiter.admit(limits, tokens)
-            if admission.ticket is not None:
-                admission.headers.extend(admission.ticket.headers)
+                ticket = await self.limiter.admit(limits, tokens)
+            if ticket is not None:
+                admission.ticket, admission.headers = ticket, ticket.headers
+                admission.header_names = ticket.shape.header_names
         if budgeted:
             estimate: int | ModelNotPriced = 0  # soft budgets count the cost at settle
             if plan.hard:
                 output = (self.default_output if limit is None else limit) * choices
                 estimate = self._estimate(record, counts, body_size, output)
+            today = self._utc_today()
             try:
-                await self._hold(admission, budgeted, tenant.id, estimate, record)
+                # Held without awaiting while the leases have room; a lease that runs dry
+                # claims more from the database (`_take`), then the rest go on.
+                waiting = self._hold(admission, budgeted, tenant.id, today, estimate, 0)
+                while waiting >= 0:
+                    assert not isinstance(estimate, ModelNotPriced)  # else `_hold` raised
+                    scope, budget = budgeted[waiting]
+                    hold = await self._take(scope, budget, tenant.id, today, estimate)
+                    admission.holds.append(hold)
+                    waiting = self._hold(
+                        admission, budgeted, tenant.id, today, estimate, waiting + 1
+                    )
             except BaseException:
                 self.finish(admission, record, refused=True)
                 raise
@@ -206,33 +227,41 @@ class SpendControl:
             code="endpoint_not_metered",
         )
 
-    async def _hold(
+    def _hold(
         self,
         admission: Admission,
         scoped: tuple[tuple[str, Budget], ...],
         tenant_id: str,
+        today: date,
         estimate: int | ModelNotPriced,
-        record: UsageRecord,
-    ) -> None:
-        today = datetime.now(UTC).date()
-        for scope, budget in scoped:
+        first: int,
+    ) -> int:
+        """Hold the request on the budgets of `scoped` from the `first`-th on, until one
+        must claim from the database: its index (`_take` then holds it), or -1 when done."""
+        for i in range(first, len(scoped)):
+            scope, budget = scoped[i]
             if budget.hard:
                 if isinstance(estimate, ModelNotPriced):
                     raise estimate
                 if estimate:
-                    admission.holds.append(
-                        await self._take(scope, budget, tenant_id, today, estimate)
-                    )
+                    key, lease = self.budgets.lease(scope, budget, tenant_id, today)
+                    if lease.available < estimate:
+                        return i  # `_take`: claims, or holds what is left, or refuses
+                    lease.held += estimate
+                    lease.inflight += 1
+                    admission.holds.append(Hold(key, lease, estimate))
                     continue
             key, lease = self.budgets.lease(scope, budget, tenant_id, today)
             if not budget.hard and lease.spent >= budget.limit_nanos:
                 what = "daily" if budget.period == "day" else "monthly"
                 warning = f"{scope} {what} soft budget ${budget.limit_usd:,.2f} exceeded"
-                admission.headers.append((WARNING_HEADER, warning.encode()))
+                admission.headers = [*admission.headers, (WARNING_HEADER, warning.encode())]
+                admission.header_names = admission.header_names | {WARNING_HEADER}
             # Nothing held: a soft budget counts the cost when the request settles, and
             # a request that costs nothing (a read) passes a used-up hard budget.
             lease.inflight += 1
             admission.holds.append(Hold(key, lease, 0))
+        return -1
 
     async def _take(
         self, scope: str, budget: Budget, tenant_id: str, today: date, estimate: int
@@ -337,7 +366,7 @@ class SpendControl:
     async def _flush(self) -> None:
         self.ledger.report()  # rows dropped since the last flush: metric, ERROR line
         batch = self.ledger.take()
-        today = datetime.now(UTC).date()
+        today = self._utc_today()
         now = time.monotonic()
         ops = self.budgets.flush_ops(now, today)
         if self._paused:

@@ -136,9 +136,11 @@ def response_headers(
     body_changed: bool,
     length: int | None = None,
     added: Sequence[tuple[bytes, bytes]] = (),
+    added_names: frozenset[bytes] | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """Upstream response headers to pass back, then `extra` (our request id) and `added`
-    (rate-limit state, budget warnings), which replace the upstream's of the same name.
+    (rate-limit state, budget warnings), which replace the upstream's of the same name
+    (`added_names`: those names, when the caller knows them already).
 
     All but hop-by-hop headers, repeats and order kept. When the proxy changes
     the body (the removed usage chunk), `Content-Length` goes too; with
@@ -150,7 +152,7 @@ def response_headers(
     if length is not None:
         drop = drop | {b"content-encoding"}
     if added:
-        drop = drop | {name for name, _ in added}
+        drop = drop | (added_names or {name for name, _ in added})
     kept = [(name, value) for name, value in headers if name.lower() not in drop]
     if length is not None:
         kept.append((b"content-length", str(length).encode()))
