@@ -54,7 +54,7 @@ IDLE_SECONDS = 5.0  # a lease unused this long is given back
 LeaseKey = tuple[str, str, date]  # scope, period, period start
 
 
-@dataclass
+@dataclass(slots=True)
 class Lease:
     """This worker's share of one budget in one period."""
 
@@ -151,9 +151,10 @@ class Budgets:
         lease.retired = True
         self.retired.append((key, lease))
 
-    def settle(self, holds: list[Hold], charges: list[int]) -> None:
-        """Turn each hold into what its request cost."""
-        for hold, cost in zip(holds, charges, strict=True):
+    def settle(self, holds: list[Hold], charge: int | None) -> None:
+        """Turn each hold into what its request cost: `charge`, or, if None, what it held."""
+        for hold in holds:
+            cost = hold.nanos if charge is None else charge
             lease = hold.lease
             lease.held -= hold.nanos
             lease.inflight -= 1

@@ -55,13 +55,18 @@ WARNING_HEADER = b"x-byok-budget-warning"
 _MAX_PLANS = 10_000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Plan:
+    """What a tenant and proxy key are under: built once per pair of snapshots."""
+
     tenant: TenantSnapshot
     principal: Principal
     limits: tuple[Limit, ...]
     budgets: tuple[tuple[str, Budget], ...]
     hard: bool  # a hard budget among them (only those need the request's estimate)
+    # Per budget, its lease (`Budgets.lease`) on `day`, asked again once given back.
+    day: date | None = None
+    leases: list[tuple[LeaseKey, Lease] | None] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -74,13 +79,13 @@ class Admission:
     header_names: frozenset[bytes] = frozenset()  # the names of `headers`
 
 
-def _charge(held: int, record: UsageRecord, outcome: str) -> int:
-    """What a finished request costs a budget, in nanos (see the module docstring), given
-    its `allowance.outcome` ("nothing" when refused)."""
+def _charge(record: UsageRecord, outcome: str) -> int | None:
+    """What a finished request costs each budget it held on, in nanos (see the module
+    docstring), given its `allowance.outcome` ("nothing" when refused); None when that
+    is what each hold held (its estimate)."""
     if outcome == "usage":
-        cost = record.cost_nanos
-        return held if cost is None else cost
-    return held if outcome == "reservation" else 0
+        return record.cost_nanos
+    return None if outcome == "reservation" else 0
 
 
 def _free(path: str) -> bool:
@@ -184,15 +189,14 @@ class SpendControl:
             try:
                 # Held without awaiting while the leases have room; a lease that runs dry
                 # claims more from the database (`_take`), then the rest go on.
-                waiting = self._hold(admission, budgeted, tenant.id, today, estimate, 0)
+                waiting = self._hold(admission, plan, today, estimate, 0)
                 while waiting >= 0:
                     assert not isinstance(estimate, ModelNotPriced)  # else `_hold` raised
                     scope, budget = budgeted[waiting]
                     hold = await self._take(scope, budget, tenant.id, today, estimate)
                     admission.holds.append(hold)
-                    waiting = self._hold(
-                        admission, budgeted, tenant.id, today, estimate, waiting + 1
-                    )
+                    plan.leases[waiting] = None  # `_take` may have been given a new one
+                    waiting = self._hold(admission, plan, today, estimate, waiting + 1)
             except BaseException:
                 self.finish(admission, record, refused=True)
                 raise
@@ -230,29 +234,34 @@ class SpendControl:
     def _hold(
         self,
         admission: Admission,
-        scoped: tuple[tuple[str, Budget], ...],
-        tenant_id: str,
+        plan: _Plan,
         today: date,
         estimate: int | ModelNotPriced,
         first: int,
     ) -> int:
-        """Hold the request on the budgets of `scoped` from the `first`-th on, until one
-        must claim from the database: its index (`_take` then holds it), or -1 when done."""
-        for i in range(first, len(scoped)):
-            scope, budget = scoped[i]
+        """Hold the request on the plan's budgets from the `first`-th on, until one must
+        claim from the database: its index (`_take` then holds it), or -1 when done."""
+        if plan.day != today:
+            plan.day, plan.leases = today, [None] * len(plan.budgets)
+        now = time.monotonic()
+        for i in range(first, len(plan.budgets)):
+            scope, budget = plan.budgets[i]
+            known = plan.leases[i]
+            if known is None or known[1].retired:  # new, or given back since
+                known = plan.leases[i] = self.budgets.lease(scope, budget, plan.tenant.id, today)
+            key, lease = known
+            lease.last_active = now
             if budget.hard:
                 if isinstance(estimate, ModelNotPriced):
                     raise estimate
                 if estimate:
-                    key, lease = self.budgets.lease(scope, budget, tenant_id, today)
                     if lease.available < estimate:
                         return i  # `_take`: claims, or holds what is left, or refuses
                     lease.held += estimate
                     lease.inflight += 1
                     admission.holds.append(Hold(key, lease, estimate))
                     continue
-            key, lease = self.budgets.lease(scope, budget, tenant_id, today)
-            if not budget.hard and lease.spent >= budget.limit_nanos:
+            elif lease.spent >= budget.limit_nanos:
                 what = "daily" if budget.period == "day" else "monthly"
                 warning = f"{scope} {what} soft budget ${budget.limit_usd:,.2f} exceeded"
                 admission.headers = [*admission.headers, (WARNING_HEADER, warning.encode())]
@@ -330,8 +339,7 @@ class SpendControl:
             return
         outcome = "nothing" if refused else allowance.outcome(record)
         if admission.holds:
-            charges = [_charge(hold.nanos, record, outcome) for hold in admission.holds]
-            self.budgets.settle(admission.holds, charges)
+            self.budgets.settle(admission.holds, _charge(record, outcome))
             admission.holds = []
         ticket, admission.ticket = admission.ticket, None
         if ticket is not None:
