@@ -13,6 +13,8 @@ turns so that none always runs on a warmer or cooler machine:
 - latency at concurrency 1 (wrk), p50 and p99, direct and through each;
 - requests/s at concurrency 64 (wrk) and each server's CPU ms per request
   (utime+stime from /proc);
+- spend control's cost: byok-proxy and "plain" at concurrency 64, back to back in
+  `SPEND_PAIRS` pairs, each pair's ratio of CPU ms per request, and their median;
 - 200 concurrent streams of 20 chunks 20 ms apart (asyncio client): time to
   first chunk, CPU ms per stream, byte-correct streams;
 - byok-proxy's peak RSS (VmHWM) and start-up time (`serve` started to `/healthz`
@@ -64,6 +66,8 @@ POLICY = {
     "rate_limits": {"rpm": 10_000_000, "tpm": 10_000_000_000},
     "allowed_models": ["gpt-4o-mini*", "gpt-4.1*"],
 }
+
+SPEND_PAIRS = 8  # back-to-back rounds of the proxy with and without its policy
 
 LUA = f"""wrk.method = "POST"
 wrk.body = '{CHAT_BODY.decode()}'
@@ -401,14 +405,21 @@ def run(quick: bool) -> dict[str, Any]:
             return figures
 
         c1: dict[str, list[dict[str, float]]] = {n: [] for n in ("direct", "reference", "proxy")}
-        c64: dict[str, list[dict[str, float]]] = {n: [] for n in targets}
+        c64: dict[str, list[dict[str, float]]] = {n: [] for n in ("direct", "reference", "proxy")}
         for i in range(rounds):
             # The servers take turns going first: none always runs on a warmer or
             # cooler machine than another.
             for name in rotated(["direct", "reference", "proxy"], i):
                 c1[name].append(timed(name, 1))
-            for name in rotated(["direct", "reference", "proxy", "plain"], i):
+            for name in rotated(["direct", "reference", "proxy"], i):
                 c64[name].append(timed(name, 64))
+
+        # Spend control's cost: the proxy with and without its policy, back to back in
+        # pairs (the one going first alternates). The difference sought is a few percent,
+        # less than the machine drifts between rounds; each pair's ratio cancels that.
+        spend_pairs: list[dict[str, dict[str, float]]] = []
+        for i in range(2 if quick else SPEND_PAIRS):
+            spend_pairs.append({name: timed(name, 64) for name in rotated(["proxy", "plain"], i)})
 
         stream_runs: dict[str, list[dict[str, Any]]] = {
             n: [] for n in ("direct", "reference", "proxy")
@@ -478,11 +489,19 @@ def run(quick: bool) -> dict[str, Any]:
         "c64": {
             **{f"{n}_rps": med(c64[n], "rps") for n in c64},
             **{f"{n}_cpu_ms_per_request": med(c64[n], "cpu_ms") for n in c64 if n != "direct"},
-            "errors": sum(r["errors"] for n in ("proxy", "plain") for r in c64[n]),
+            "errors": sum(r["errors"] for r in c64["proxy"])
+            + sum(pair[n]["errors"] for pair in spend_pairs for n in pair),
             "workers_auto": usable_cpus(),
             "one_worker_rps": med(workers["proxy"], "rps"),
             "workers_auto_rps": med(workers["multi"], "rps"),
             "workers_auto_errors": sum(r["errors"] for r in workers["multi"]),
+        },
+        "spend": {
+            "pairs": len(spend_pairs),
+            "policed_cpu_ms_per_request": median([p["proxy"]["cpu_ms"] for p in spend_pairs]),
+            "plain_cpu_ms_per_request": median([p["plain"]["cpu_ms"] for p in spend_pairs]),
+            "ratio": median([p["proxy"]["cpu_ms"] / p["plain"]["cpu_ms"] for p in spend_pairs]),
+            "ratios": [p["proxy"]["cpu_ms"] / p["plain"]["cpu_ms"] for p in spend_pairs],
         },
         "streams": {
             "count": n_streams,
