@@ -338,7 +338,7 @@ class Forwarder:
                 record.model,
                 scope["method"],
                 scope["path"],
-                _query_model(scope.get("query_string", b"")),
+                _query_model(query) if (query := scope.get("query_string")) else None,
             )
         size = len(body) if isinstance(body, bytes) else 0
         if tenant.policy is not None or principal.policy is not None:

@@ -204,8 +204,13 @@ def _headers(shape: _Shape, levels: Sequence[float]) -> Headers:
             if best_left < 0 or left < best_left:
                 best_left, best, best_cap, best_text = left, i, cap, cap_text
         seconds = levels[best] * 60 / best_cap
-        ms = round(seconds * 1000)
-        reset = b"%dms" % ms if 0 < ms < 1000 else format_duration(seconds).encode()
+        ms = round(seconds * 1000)  # as `format_duration` writes it, the usual cases inlined
+        if ms <= 0:
+            reset = b"0s"
+        elif ms < 1000:
+            reset = b"%dms" % ms
+        else:
+            reset = format_duration(seconds).encode()
         out += ((names[0], best_text), (names[1], b"%d" % best_left), (names[2], reset))
     return out
 
