@@ -32,6 +32,7 @@ _TOP_UNSEEN = frozenset({"previous_response_id", "conversation"})
 _PLAIN_MESSAGE = frozenset({"role", "content", "name"})
 _PRICED_TIERS = (None, "auto", "default")  # the table's prices are these tiers
 _BOUNDED_TIERS = (*_PRICED_TIERS, "flex")  # flex costs less than the table: still a bound
+_PRICED_APART = frozenset({"service_tier", "web_search_options", "tools"})  # what `unmetered` reads
 
 
 def unseen_input(request: dict[str, Any] | None, size: int) -> bool:
@@ -67,7 +68,7 @@ def unseen_input(request: dict[str, Any] | None, size: int) -> bool:
 
 def unmetered(request: dict[str, Any] | None) -> str | None:
     """What makes the request cost more than its tokens, if anything (a short phrase)."""
-    if request is None:
+    if request is None or _PRICED_APART.isdisjoint(request):
         return None
     tier = request.get("service_tier")
     if tier not in _BOUNDED_TIERS:

@@ -384,6 +384,8 @@ class RateLimiter:
         self._local = _LocalBuckets()
         self._shapes: dict[int, _Shape] = {}
         self._redis: aioredis.Redis | None = None
+        # No Redis configured: `admit_here` then admits without awaiting.
+        self.in_process = not config.redis_url
         self._healthy = True  # Redis answered last time (or was never tried)
         self._retry_at = 0.0  # monotonic time before which Redis is not tried
         self._errors: tuple[type[BaseException], ...] = ()  # what a Redis failure raises
@@ -441,11 +443,6 @@ class RateLimiter:
         if not admitted:
             raise _refusal(shape, costs, levels)
         return Ticket(shape, tokens, _headers(shape, levels), in_redis)
-
-    @property
-    def in_process(self) -> bool:
-        """True when no Redis is configured: `admit_here` then admits without awaiting."""
-        return self._redis is None
 
     def admit_here(self, limits: Sequence[Limit], tokens: int) -> Ticket | None:
         """`admit` in this process's buckets, without a coroutine (no Redis configured)."""

@@ -208,9 +208,9 @@ class SpendControl:
         """The most a request may cost, in nanos (`proxy.estimate`), or the 403 a hard
         budget answers when that cannot be known."""
         method, path = record.method, record.path
-        extra = None
         if method in READ_METHODS:
             return 0
+        extra = None
         if path in USAGE_ENDPOINTS:
             extra = unmetered(counts)
             if extra is None:
@@ -255,7 +255,7 @@ class SpendControl:
                 if isinstance(estimate, ModelNotPriced):
                     raise estimate
                 if estimate:
-                    if lease.available < estimate:
+                    if lease.granted - lease.held - lease.used - lease.flushing < estimate:
                         return i  # `_take`: claims, or holds what is left, or refuses
                     lease.held += estimate
                     lease.inflight += 1
