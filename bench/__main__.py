@@ -67,7 +67,7 @@ POLICY = {
     "allowed_models": ["gpt-4o-mini*", "gpt-4.1*"],
 }
 
-SPEND_PAIRS = 8  # back-to-back rounds of the proxy with and without its policy
+SPEND_PAIRS = 10  # back-to-back rounds of the proxy with and without its policy
 
 LUA = f"""wrk.method = "POST"
 wrk.body = '{CHAT_BODY.decode()}'
