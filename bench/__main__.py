@@ -469,6 +469,11 @@ def run(quick: bool) -> dict[str, Any]:
         """The median over rounds of `side`'s figure minus direct's in the same round."""
         return median([s[field] - d[field] for d, s in zip(c1["direct"], c1[side], strict=True)])
 
+    spend_ratios = [
+        p["proxy"]["cpu_ms"] / p["plain"]["cpu_ms"] if p["plain"]["cpu_ms"] > 0 else float("inf")
+        for p in spend_pairs
+    ]
+
     def first(side: str, p: float = 50) -> float:
         return median([pct(r["first_ms"], p) for r in stream_runs[side]])
 
@@ -500,8 +505,8 @@ def run(quick: bool) -> dict[str, Any]:
             "pairs": len(spend_pairs),
             "policed_cpu_ms_per_request": median([p["proxy"]["cpu_ms"] for p in spend_pairs]),
             "plain_cpu_ms_per_request": median([p["plain"]["cpu_ms"] for p in spend_pairs]),
-            "ratio": median([p["proxy"]["cpu_ms"] / p["plain"]["cpu_ms"] for p in spend_pairs]),
-            "ratios": [p["proxy"]["cpu_ms"] / p["plain"]["cpu_ms"] for p in spend_pairs],
+            "ratio": median(spend_ratios),
+            "ratios": spend_ratios,
         },
         "streams": {
             "count": n_streams,

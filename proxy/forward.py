@@ -333,8 +333,9 @@ class Forwarder:
         elif on_platform and scope["method"] in ("POST", "PUT", "PATCH"):
             platform.check_body(tenant.id, scope["path"], b"")  # 400: a JSON body is needed
         if restricted:
-            policy.check_model(
-                (tenant.policy, principal.policy),
+            self.spend.check_model(
+                tenant,
+                principal,
                 record.model,
                 scope["method"],
                 scope["path"],

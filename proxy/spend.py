@@ -1,8 +1,9 @@
 """Spend control on the hot path: one `admit()` before the upstream call, one `finish()` after.
 
-`admit()` applies, for the tenant's policy and its proxy key's (`proxy.policy`):
-the rate limits (`proxy.ratelimit`, 429), then the budgets (`proxy.budgets`,
-402), holding the request's estimated cost. `finish()` settles both with
+`check_model()` applies the allow-lists of the tenant's policy and its proxy key's
+(`proxy.policy`, 403; its verdicts remembered per tenant and key). `admit()` applies,
+for both policies, the rate limits (`proxy.ratelimit`, 429), then the budgets
+(`proxy.budgets`, 402), holding the request's estimated cost. `finish()` settles both with
 what the request cost and adds the usage line to the ledger
 (`proxy.ledger`). A background task (`run()`) writes the ledger and the
 budgets' settled spend every `FLUSH_SECONDS` in one transaction, off the hot
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
-from proxy import allowance, budgets, ledger
+from proxy import allowance, budgets, ledger, policy
 from proxy.budgets import Budgets, Hold, Lease, LeaseKey
 from proxy.errors import ModelNotPriced, StoreUnavailable
 from proxy.estimate import hold_nanos, unmetered
@@ -53,6 +54,7 @@ CLAIM_PAUSE = 1.0  # seconds a dry or failed claim is not tried again (a refused
 _FREE_POSTS = ("/v1/moderations", "/v1/files", "/v1/uploads")
 WARNING_HEADER = b"x-byok-budget-warning"
 _MAX_PLANS = 10_000
+_MAX_VERDICTS = 256  # allow-list verdicts remembered per plan
 
 
 @dataclass(slots=True)
@@ -67,6 +69,8 @@ class _Plan:
     # Per budget, its lease (`Budgets.lease`) on `day`, asked again once given back.
     day: date | None = None
     leases: list[tuple[LeaseKey, Lease] | None] = field(default_factory=list)
+    # Requests (model, method, path, query model) the allow-lists let through.
+    allowed: set[tuple[str | None, str, str, str | None]] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -151,6 +155,26 @@ class SpendControl:
             self._plans.clear()
         self._plans[key] = plan  # holds both snapshots, so their ids are not reused meanwhile
         return plan
+
+    def check_model(
+        self,
+        tenant: TenantSnapshot,
+        principal: Principal,
+        model: str | None,
+        method: str,
+        path: str,
+        query_model: str | None,
+    ) -> None:
+        """`proxy.policy.check_model` under the tenant's and key's allow-lists (403
+        `model_not_allowed`), its verdict remembered for the same request shape."""
+        plan = self._plan(tenant, principal)
+        seen = (model, method, path, query_model)
+        if seen in plan.allowed:
+            return
+        policy.check_model((tenant.policy, principal.policy), model, method, path, query_model)
+        if len(plan.allowed) < _MAX_VERDICTS and len(path) <= 200:  # short strings only
+            if len(model or "") <= 128 and len(query_model or "") <= 128:
+                plan.allowed.add(seen)
 
     async def admit(
         self,

@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from proxy import policy
 from proxy.budgets import IDLE_SECONDS
-from proxy.errors import BudgetExceeded, StoreUnavailable
+from proxy.errors import BudgetExceeded, ModelNotAllowed, StoreUnavailable
 from proxy.models import BudgetSpend
 from proxy.ratelimit import RateLimiter
 from proxy.spend import Admission, SpendControl
@@ -265,3 +265,22 @@ async def test_input_the_body_does_not_show_is_held_at_the_context_window(
         await admit(spend, snap, chat())
     finish_with_cost(spend, admission, record, 3_000)
     await admit(spend, snap, chat())  # what the image request did not use came back
+
+
+async def test_allow_list_verdicts_are_remembered_only_when_allowed_and_short(
+    spend: SpendControl,
+) -> None:
+    text = policy.dump(policy.PolicyIn.model_validate({"allowed_models": ["gpt-4o-mini*"]}))
+    snap = TenantSnapshot("acme", "pro", "active", None, policy.parse(text))
+    path = "/v1/chat/completions"
+    for _ in range(2):  # the second answer comes from the remembered verdict
+        spend.check_model(snap, KEY, "gpt-4o-mini", "POST", path, None)
+    with pytest.raises(ModelNotAllowed):
+        spend.check_model(snap, KEY, "gpt-4o", "POST", path, None)
+    with pytest.raises(ModelNotAllowed):  # refusals are never remembered as allowed
+        spend.check_model(snap, KEY, "gpt-4o", "POST", path, None)
+    spend.check_model(snap, KEY, "gpt-4o-mini-" + "x" * 200, "POST", path, None)
+    assert spend._plan(snap, KEY).allowed == {("gpt-4o-mini", "POST", path, None)}
+    for i in range(300):  # a bounded memory whatever a tenant sends
+        spend.check_model(snap, KEY, f"gpt-4o-mini-{i}", "POST", path, None)
+    assert len(spend._plan(snap, KEY).allowed) == 256
