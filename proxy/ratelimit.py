@@ -150,10 +150,6 @@ class Ticket:
     headers: Headers  # x-ratelimit-* to add to the response
     in_redis: bool = False  # counted in Redis (else in this process): settle goes there too
 
-    @property
-    def limits(self) -> tuple[Limit, ...]:
-        return self.shape.active
-
 
 _now = time.monotonic  # the per-process buckets' clock (the tests move it by hand)
 
@@ -161,12 +157,6 @@ _now = time.monotonic  # the per-process buckets' clock (the tests move it by ha
 def _cost(limit: Limit, tokens: int) -> int:
     """Tokens this request counts against `limit`: the estimate, capped at its tpm."""
     return tokens if limit.tpm is None else min(tokens, limit.tpm)
-
-
-def _remaining(level: float, cap: int) -> int:
-    """Whole units left in a bucket, as the x-ratelimit-remaining-* headers say it."""
-    left = math.floor(cap - level + cap * SLACK)
-    return left if left > 0 else 0
 
 
 def format_duration(seconds: float) -> str:
@@ -197,8 +187,8 @@ def _headers(shape: _Shape, levels: Sequence[float]) -> Headers:
     out: Headers = ()
     for names, buckets in shape.header_plan:
         best_left = -1
-        for i, cap, most, cap_text in buckets:  # remaining: `_remaining`, inlined
-            left = int(most - levels[i])  # int() truncates: floor, for what is kept
+        for i, cap, most, cap_text in buckets:
+            left = int(most - levels[i])  # whole units left (int() floors what is kept)
             if left < 0:
                 left = 0
             if best_left < 0 or left < best_left:

@@ -279,7 +279,7 @@ class SpendControl:
                 if isinstance(estimate, ModelNotPriced):
                     raise estimate
                 if estimate:
-                    if lease.granted - lease.held - lease.used - lease.flushing < estimate:
+                    if lease.available < estimate:
                         return i  # `_take`: claims, or holds what is left, or refuses
                     lease.held += estimate
                     lease.inflight += 1

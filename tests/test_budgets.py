@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import pytest
@@ -21,7 +21,7 @@ from helpers import make_config
 from sqlalchemy import select
 
 from proxy import policy
-from proxy.budgets import IDLE_SECONDS
+from proxy.budgets import IDLE_SECONDS, Hold
 from proxy.errors import BudgetExceeded, ModelNotAllowed, StoreUnavailable
 from proxy.models import BudgetSpend
 from proxy.ratelimit import RateLimiter
@@ -284,3 +284,40 @@ async def test_allow_list_verdicts_are_remembered_only_when_allowed_and_short(
     for i in range(300):  # a bounded memory whatever a tenant sends
         spend.check_model(snap, KEY, f"gpt-4o-mini-{i}", "POST", path, None)
     assert len(spend._plan(snap, KEY).allowed) == 256
+
+
+async def _two_requests_settled(spend: SpendControl, snap: TenantSnapshot) -> Hold:
+    """Two requests admitted and settled: the first claims a lease, the second holds on
+    the lease its plan remembers (the path every request takes once a lease has room)."""
+    for _ in range(2):
+        record = chat()
+        admission = await admit(spend, snap, record)
+        hold = admission.holds[0]
+        finish_with_cost(spend, admission, record, 1000)
+    return hold
+
+
+async def test_a_new_utc_day_holds_on_the_new_days_lease(spend: SpendControl) -> None:
+    snap = tenant({"period": "day", "limit_usd": 1.0})
+    held_today = await _two_requests_settled(spend, snap)
+    today = held_today.key[2]
+    tomorrow = date.fromordinal(today.toordinal() + 1)
+    spend._day = (spend._day[0], tomorrow)  # the clock has passed midnight (UTC)
+    hold = (await admit(spend, snap, chat())).holds[0]
+    assert hold.key[2] == tomorrow and hold.lease is not held_today.lease
+    assert hold.lease.used == 0  # today's spend is not counted against tomorrow
+
+
+async def test_a_lease_given_back_is_never_held_on_again(spend: SpendControl) -> None:
+    snap = tenant({"period": "day", "limit_usd": 1.0})
+    before = await _two_requests_settled(spend, snap)
+    make_idle(spend)
+    late: list[Hold] = []
+
+    async def arrive() -> None:  # while the retired lease is being written back
+        late.append((await admit(spend, snap, chat())).holds[0])
+
+    during_next_write(spend, arrive)
+    await spend.flush()  # gives the idle lease back (retired); a request arrives meanwhile
+    assert before.lease.retired and late
+    assert not late[0].lease.retired and spend.budgets.leases[late[0].key] is late[0].lease

@@ -643,3 +643,15 @@ async def test_redis_unreachable_from_start_fails_fast(
         assert events == [False]
     finally:
         await limiter.aclose()
+
+
+async def test_settle_on_a_drained_bucket_counts_from_empty(
+    local: RateLimiter, clock: list[float]
+) -> None:
+    limits = [Limit("tenant:acme", None, 1000)]
+    ticket = await local.admit(limits, 500)
+    assert ticket is not None
+    clock[0] = START + 40  # drained past empty (it would be -166 tokens), not swept yet
+    await local.settle(ticket, 900)  # 400 more than estimated: from empty, 400 in it
+    after = await local.admit(limits, 1)
+    assert headers(after)["x-ratelimit-remaining-tokens"] == "599"
