@@ -263,6 +263,8 @@ async def test_past_the_bound_rows_are_dropped_counted_logged_once_and_metered(
     spend.store.run = down  # type: ignore[method-assign]
     assert spend.ledger.pending_rows == 5
     assert spend.ledger.dropped == 7
+    # Requests dropped: old-0..2 (1 each), then old-3, old-4 (1 each), new-0, new-1 (2 each).
+    assert spend.ledger.dropped_requests == 3 + 6
     await spend.flush()  # (the drops of the last write are reported by the next)
     assert metered() == 7
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -309,3 +311,12 @@ async def test_aclose_that_writes_everything_logs_no_error(
     await spend.aclose()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert table(spend) == expected.rows
+
+
+def test_a_dropped_row_counts_every_request_it_summed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ledger, "MAX_PENDING", 1)
+    sums = ledger.Ledger()
+    for _ in range(3):
+        sums.add(record("first", "gpt-4o-mini", 1, 1, 10), 10)
+    sums.add(record("second", "gpt-4o-mini", 1, 1, 10), 10)  # the first row makes room
+    assert (sums.dropped, sums.dropped_requests) == (1, 3)
