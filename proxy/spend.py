@@ -393,10 +393,12 @@ class SpendControl:
         """One write of everything pending; on failure it stays pending (logged). One at
         a time: a write's releases are accounted only when it ends."""
         async with self._flushing:
-            await self._flush()
+            try:
+                await self._flush()
+            finally:
+                self.ledger.report()  # rows dropped, by requests or this put-back: metric, ERROR
 
     async def _flush(self) -> None:
-        self.ledger.report()  # rows dropped since the last flush: metric, ERROR line
         batch = self.ledger.take()
         today = self._utc_today()
         now = time.monotonic()
@@ -466,7 +468,6 @@ class SpendControl:
         for lease in self.budgets.leases.values():
             lease.last_active = float("-inf")  # idle: handed back by this last write
         await self.flush()
-        self.ledger.report()  # rows the last write's put-back dropped: metric, ERROR line
         self._report_unwritten()
         await self.limiter.aclose()
 

@@ -265,7 +265,8 @@ async def test_past_the_bound_rows_are_dropped_counted_logged_once_and_metered(
     assert spend.ledger.dropped == 7
     # Requests dropped: old-0..2 (1 each), then old-3, old-4 (1 each), new-0, new-1 (2 each).
     assert spend.ledger.dropped_requests == 3 + 6
-    await spend.flush()  # (the drops of the last write are reported by the next)
+    assert metered() == 7  # the put-back's drops, reported by the write that made them
+    await spend.flush()
     assert metered() == 7
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1  # at most one line per DROP_LOG_SECONDS, however many flushes
