@@ -2,7 +2,7 @@
 #   docker build -t byok-proxy .
 #   docker run -p 8080:8080 -e ENCRYPTION_KEY=... -e ADMIN_TOKEN=... -v byok-data:/data byok-proxy
 #   upgrading to a release with a new schema: first
-#   docker run --rm -e ENCRYPTION_KEY=... -v byok-data:/data byok-proxy byok-proxy migrate
+#   docker run --rm -v byok-data:/data byok-proxy byok-proxy migrate
 
 # --- build: install the project and its dependencies into a virtualenv --------------------
 FROM python:3.11-slim AS build

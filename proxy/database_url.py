@@ -67,10 +67,8 @@ def check(raw: str) -> URL:
 
 def _check_sqlite_path(url: URL) -> None:
     database = url.database
-    in_memory = url.query.get("mode") == "memory" or any(
-        word in (database or "") for word in ("mode=memory", ":memory:")
-    )
-    if not database or database == ":memory:" or in_memory:
+    # ":memory:" also covers file::memory: URIs; SQLAlchemy moves ?mode=memory to the query.
+    if not database or ":memory:" in database or url.query.get("mode") == "memory":
         # Each connection, worker and CLI command would open a database of its own, empty.
         raise ConfigError(
             "DATABASE_URL: an in-memory SQLite database cannot be shared by the proxy's "

@@ -22,6 +22,7 @@ from servers import free_port, serve
 from proxy.cli_args import worker_count
 from proxy.cpus import usable_cpus
 from proxy.security import Keyring, generate_master_key
+from proxy.store import HEAD_REVISION
 
 SECRETS = ("ENCRYPTION_KEY", "ADMIN_TOKEN", "DATABASE_URL", "BYOK_CONFIG", "OPENAI_BASE_URL")
 
@@ -210,6 +211,11 @@ def test_database_commands_need_no_admin_token(tmp_path: Path) -> None:
     assert migrated.returncode == 0
     assert migrated.stdout.startswith("byok-proxy migrate: the schema is already at revision")
     assert json.loads(run(["migrate", "--json"], tmp_path, **db).stdout)["found"] is not None
+    summary = json.loads(run(["migrate", "--json"], tmp_path, **db).stdout)
+    assert (summary["found"], summary["revision"]) == (HEAD_REVISION, HEAD_REVISION)
+    fresh = {"DATABASE_URL": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    created = run(["migrate"], tmp_path, **fresh)
+    assert created.returncode == 0 and "created" in created.stdout, created.stdout
     no_key = run(["tenants", "set-key", "acme"], tmp_path, GOOD_KEY, **db)
     assert no_key.returncode == 2 and "ENCRYPTION_KEY is not set" in one_line(no_key)
     assert not (tmp_path / ".byok").exists()  # without --dev nothing is made

@@ -324,6 +324,7 @@ def bad_database_urls(tmp: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
         "sqlite-blank": ("sqlite://", ("in-memory", "sqlite:///./byok.db")),
         "sqlite-empty-path": ("sqlite:///", ("in-memory",)),
         "sqlite-memory": ("sqlite:///:memory:", ("in-memory",)),
+        "sqlite-memory-uri": ("sqlite:///file:x?mode=memory&uri=true", ("in-memory",)),
     }
     server = _postgres_server()
     if server is not None:

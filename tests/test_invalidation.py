@@ -362,11 +362,16 @@ def test_a_key_expired_through_one_replica_is_refused_by_the_others(replicas: Re
     _within_bound(seconds, "an expiry set in the past")
 
 
+# Seconds from issuing the key to its expiry: three first chats (one per replica) must fit
+# in it on a loaded CI machine; the refusals are timed from the expiry instant either way.
+EXPIRY_LEAD = 10
+
+
 def test_a_cached_key_is_refused_by_every_replica_once_it_expires(replicas: Replicas) -> None:
     """No change is announced: each replica checks the cached key's expiry on every use.
     Timed from the expiry instant."""
     replicas.tenant("expiring-co")
-    expires = datetime.now(UTC) + timedelta(seconds=3)
+    expires = datetime.now(UTC) + timedelta(seconds=EXPIRY_LEAD)
     r = httpx.post(
         f"{replicas.urls[0]}/api/v1/tenants/expiring-co/api-keys",
         json={"expires_at": expires.isoformat()},
@@ -374,7 +379,7 @@ def test_a_cached_key_is_refused_by_every_replica_once_it_expires(replicas: Repl
     )
     assert r.status_code == 201, r.text
     key = r.json()["api_key"]
-    _cached_everywhere(replicas, key)  # within the 3 s, or a replica answers 401 here
+    _cached_everywhere(replicas, key)  # within the lead, or a replica answers 401 here
 
     def expire() -> None:
         left = expires.timestamp() - time.time()
