@@ -413,6 +413,13 @@ def test_streamed_uploads_have_their_own_larger_limit(tmp_path: Path, master_key
         # the proxy forwards as it reads, then cuts the upstream request short).
         assert all(len(r.body) < 6000 for r in served.fake.requests[seen:])
 
+        # One chunk already over the limit (no Content-Length): refused before any upstream
+        # connection, so the upstream sees no request at all.
+        before = len(served.fake.requests)
+        over = upload(iter([b"w" * 6000]), "application/octet-stream")
+        assert over.status_code == 413, over.text
+        assert len(served.fake.requests) == before
+
 
 # --- units ----------------------------------------------------------------------------
 
